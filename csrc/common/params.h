@@ -1,0 +1,38 @@
+// POD parameter structs passed by value to the CUDA kernels.
+// Kept free of torch headers so kernel files compile with nvcc alone. Strides are in elements
+// and int64 so that views of tensors larger than 2^31 elements index correctly.
+#pragma once
+
+#include <cstdint>
+
+namespace hypenet {
+
+// One decode step of constant-decay linear attention (see csrc/lightning/lightning_attn_step.h).
+// q, k [B, T, H, K]; v, o [B, T, H, V]; log_decay [H] fp32; state [N, H, K, V] fp32 with a
+// unit stride along V and 16-byte aligned rows; state_indices [B] int32 or int64.
+struct LightningStepParams {
+  const void* __restrict__ q;
+  const void* __restrict__ k;
+  const void* __restrict__ v;
+  const float* __restrict__ log_decay;
+  float* __restrict__ state;
+  const void* __restrict__ state_indices;
+  void* __restrict__ o;
+
+  int64_t q_batch_stride, q_time_stride, q_head_stride, q_dim_stride;
+  int64_t k_batch_stride, k_time_stride, k_head_stride, k_dim_stride;
+  int64_t v_batch_stride, v_time_stride, v_head_stride, v_dim_stride;
+  int64_t o_batch_stride, o_time_stride, o_head_stride;  // o has a unit stride along V
+  int64_t state_slot_stride, state_head_stride, state_row_stride;
+  int64_t state_indices_stride;
+
+  int batch;      // B
+  int seqlen;     // T (new tokens per row)
+  int heads;      // H
+  int num_slots;  // N (rows of the state pool)
+
+  float scale;
+  bool indices_are_int64;
+};
+
+}  // namespace hypenet

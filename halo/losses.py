@@ -1,0 +1,235 @@
+"""Token-chunked losses fused with the output projection (lm_head).
+
+With a large vocabulary the [N, vocab] logits are the biggest tensors of a training step, and
+distillation needs them for two models. These losses take hidden states and the lm_head weight
+instead, and walk over the N tokens in chunks: each chunk's logits are computed in float32, used
+for the loss and for the exact gradient, and dropped before the next chunk. Peak extra memory is
+O(chunk_size * vocab) instead of O(N * vocab) per model.
+
+The gradient is computed inside the forward chunk loop (one pass over the logits) and stored;
+backward only scales it by the incoming gradient. Autocast is disabled inside, so the chunk
+matmuls run in float32 whatever the caller's autocast state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check_hidden_and_weight(hidden: torch.Tensor, weight: torch.Tensor, name: str) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"{name}_hidden must be [N, d], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"{name}_weight must be [vocab, d] with d = {hidden.shape[1]}, got shape {tuple(weight.shape)}"
+        )
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean next-token cross entropy of softmax(hidden @ weight.T) over tokens whose label is not ignored."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_tokens = hidden.shape[0]
+        valid = labels != IGNORE_INDEX
+        count = valid.sum().clamp(min=1).to(torch.float32)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            weight32 = weight.float()
+            grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want_grad_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, num_tokens, chunk_size):
+                end = min(start + chunk_size, num_tokens)
+                hidden_chunk = hidden[start:end].float()  # (n, d)
+                logits = hidden_chunk @ weight32.T  # (n, vocab) fp32
+                chunk_valid = valid[start:end]
+                targets = labels[start:end].clamp(min=0)
+                log_normalizer = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+                loss_sum += ((log_normalizer - target_logit) * chunk_valid).sum()
+                if want_grad_hidden or want_grad_weight:
+                    # d(sum of token losses)/d(logits) = softmax - onehot(target), zero on ignored rows.
+                    grad_logits = torch.exp(logits - log_normalizer[:, None])
+                    grad_logits[torch.arange(end - start, device=logits.device), targets] -= 1.0
+                    grad_logits *= chunk_valid[:, None]
+                    if want_grad_hidden:
+                        grad_hidden[start:end] = grad_logits @ weight32
+                    if want_grad_weight:
+                        grad_weight.addmm_(grad_logits.T, hidden_chunk)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        hidden_dtype, weight_dtype = ctx.dtypes
+        out_hidden = (grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None
+        out_weight = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
+        return out_hidden, out_weight, None, None
+
+
+class _FusedLinearKL(torch.autograd.Function):
+    """Mean over selected tokens of KL(softmax(teacher logits) || softmax(student hidden @ weight.T))."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, mask, chunk_size):
+        want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_tokens = student_hidden.shape[0]
+        if mask is None:
+            mask = torch.ones(num_tokens, dtype=torch.bool, device=student_hidden.device)
+        count = mask.sum().clamp(min=1).to(torch.float32)
+        with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+            student_weight32 = student_weight.float()
+            teacher_weight32 = teacher_weight.float() if teacher_weight is not None else None
+            grad_hidden = torch.empty_like(student_hidden, dtype=torch.float32) if want_grad_hidden else None
+            grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if want_grad_weight else None
+            kl_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+            for start in range(0, num_tokens, chunk_size):
+                end = min(start + chunk_size, num_tokens)
+                student_chunk = student_hidden[start:end].float()  # (n, d)
+                student_log_probs = torch.log_softmax(student_chunk @ student_weight32.T, dim=-1)  # (n, vocab)
+                if teacher_logits is not None:
+                    teacher_chunk_logits = teacher_logits[start:end].float()
+                else:
+                    teacher_chunk_logits = teacher_hidden[start:end].float() @ teacher_weight32.T
+                teacher_log_probs = torch.log_softmax(teacher_chunk_logits, dim=-1)
+                teacher_probs = teacher_log_probs.exp()
+                chunk_mask = mask[start:end]
+                token_kl = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(-1)
+                kl_sum += (token_kl * chunk_mask).sum()
+                if want_grad_hidden or want_grad_weight:
+                    # d KL / d student logits = softmax(student) - p_teacher (rows sum to one).
+                    grad_logits = (student_log_probs.exp() - teacher_probs) * chunk_mask[:, None]
+                    if want_grad_hidden:
+                        grad_hidden[start:end] = grad_logits @ student_weight32
+                    if want_grad_weight:
+                        grad_weight.addmm_(grad_logits.T, student_chunk)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
+        return kl_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        hidden_dtype, weight_dtype = ctx.dtypes
+        out_hidden = (grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None
+        out_weight = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
+        return out_hidden, out_weight, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Mean cross entropy of ``hidden @ weight.T`` against ``labels``, never holding all logits.
+
+    Args:
+        hidden: [N, d] final hidden states (any float dtype; used in float32).
+        weight: [vocab, d] lm_head weight.
+        labels: [N] int64 target ids; ``IGNORE_INDEX`` (-100) rows are skipped.
+        chunk_size: tokens per chunk.
+    Returns:
+        scalar float32 loss; differentiable in ``hidden`` and ``weight``.
+    """
+    _check_chunk_size(chunk_size)
+    _check_hidden_and_weight(hidden, weight, "")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got shape {tuple(labels.shape)}")
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+
+
+def fused_linear_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Forward KL(p_teacher || p_student) at temperature 1, mean over tokens, computed chunk by chunk.
+
+    Give the teacher either as ``teacher_hidden`` [N, d_t] with ``teacher_weight`` [vocab, d_t]
+    (its logits are then computed per chunk too) or as ``teacher_logits`` [N, vocab].
+
+    Args:
+        student_hidden: [N, d] student final hidden states.
+        student_weight: [vocab, d] student lm_head weight.
+        mask: optional [N] bool; only True tokens count.
+        chunk_size: tokens per chunk.
+    Returns:
+        scalar float32 loss; differentiable in ``student_hidden`` and ``student_weight`` only.
+    """
+    _check_chunk_size(chunk_size)
+    _check_hidden_and_weight(student_hidden, student_weight, "student")
+    num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give teacher_logits or (teacher_hidden, teacher_weight), not both")
+        if teacher_logits.shape != (num_tokens, vocab):
+            raise ValueError(
+                f"teacher_logits must be [N, vocab] = [{num_tokens}, {vocab}], got {tuple(teacher_logits.shape)}"
+            )
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("give teacher_logits or both teacher_hidden and teacher_weight")
+        _check_hidden_and_weight(teacher_hidden, teacher_weight, "teacher")
+        if teacher_hidden.shape[0] != num_tokens or teacher_weight.shape[0] != vocab:
+            raise ValueError(
+                f"teacher_hidden/teacher_weight shapes {tuple(teacher_hidden.shape)}/{tuple(teacher_weight.shape)} "
+                f"do not match student N = {num_tokens}, vocab = {vocab}"
+            )
+    if mask is not None and (mask.shape != (num_tokens,) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool [N] = [{num_tokens}], got {mask.dtype} {tuple(mask.shape)}")
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.detach()
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.detach()
+    return _FusedLinearKL.apply(
+        student_hidden, student_weight, teacher_hidden,
+        teacher_weight.detach() if teacher_weight is not None else None,
+        teacher_logits, mask, chunk_size,
+    )
+
+
+@torch.no_grad()
+def chunked_token_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood and argmax correctness, for evaluation.
+
+    Args:
+        hidden: [N, d]; weight: [vocab, d]; labels: [N] (``IGNORE_INDEX`` rows give nll 0, correct False).
+    Returns:
+        (nll [N] float32, correct [N] bool, valid [N] bool)
+    """
+    _check_chunk_size(chunk_size)
+    _check_hidden_and_weight(hidden, weight, "")
+    valid = labels != IGNORE_INDEX
+    nll = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    weight32 = weight.float()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = hidden[start:end].float() @ weight32.T
+            targets = labels[start:end].clamp(min=0)
+            nll[start:end] = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
+            correct[start:end] = logits.argmax(-1) == targets
+    return nll * valid, correct & valid, valid

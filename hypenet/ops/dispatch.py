@@ -1,0 +1,90 @@
+"""Backend selection: a pure function of device, dtype, dims and the override, so it traces under torch.compile.
+
+Every op lists, per backend, either None (it can run these inputs) or the reason it cannot. `auto` takes the
+first usable backend in the order cuda > triton on GPUs; on the CPU it takes the reference (Triton's interpreter
+runs there only when forced, for tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+BACKEND_ENV = "HYPENET_BACKEND"
+
+
+def requested_backend(backend: Optional[str]) -> Optional[str]:
+    """The `backend=` argument, else $HYPENET_BACKEND, else None (auto)."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV) or None
+        source = f"${BACKEND_ENV}"
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def select_backend(op: str, backend: Optional[str], device: torch.device, reasons: dict[str, Optional[str]]) -> str:
+    """Pick the backend for `op` on inputs living on `device`. `reasons[name]` is None when that backend can run
+    the inputs; a requested backend that cannot raises with its reason."""
+    wanted = requested_backend(backend)
+    if wanted is not None:
+        reason = reasons.get(wanted, f"{op} has no {wanted} backend")
+        if reason is not None:
+            raise ValueError(f"{op}: backend {wanted!r} cannot run these inputs: {reason}")
+        return wanted
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            if reasons.get(name, "absent") is None:
+                return name
+    return "reference"
+
+
+def triton_device_reason(device: torch.device) -> Optional[str]:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
+
+
+_modules: dict[str, ModuleType | Exception] = {}
+
+
+def load_kernel_module(name: str) -> ModuleType | Exception:
+    """Import a kernel module once; an import failure is kept and reported as the reason, never raised here."""
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any import failure means "backend unavailable, here is why"
+            _modules[name] = err
+    return _modules[name]
+
+
+def triton_kernel_reason(module_name: str, device: torch.device, *args) -> Optional[str]:
+    """Why the Triton kernels of `module_name` cannot run `args` (None when they can)."""
+    reason = triton_device_reason(device)
+    if reason is not None:
+        return reason
+    module = load_kernel_module(module_name)
+    if isinstance(module, Exception):
+        return f"{module_name} could not be imported: {module}"
+    return module.unsupported_reason(*args)
+
+
+def cuda_kernel_reason(op: str, device: torch.device) -> Optional[str]:
+    """Why the compiled extension cannot run `op` here: CPU tensors, no extension, or built without that kernel."""
+    if device.type != "cuda":
+        return f"CUDA kernels need CUDA tensors, got device {device}"
+    module = load_kernel_module("hypenet.ops.cuda_ext")
+    if isinstance(module, Exception):
+        return f"hypenet.ops.cuda_ext could not be imported: {module}"
+    if not module.cuda_op_available(op):
+        return f"the extension hypenet._C has no {op} kernel ({module.cuda_ext_error() or 'not built with it'})"
+    return None

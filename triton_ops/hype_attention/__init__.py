@@ -1,0 +1,1 @@
+"""Triton kernels of HyPE attention: forward, backward and split-KV decode (launchers only)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of Lightning Attention."""
