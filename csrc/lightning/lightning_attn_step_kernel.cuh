@@ -7,7 +7,8 @@
 //  - every thread holds kRowsPerThread 16-byte vectors of the slice in registers, all loaded
 //    before the first use (many independent loads in flight), coalesced: the kThreadsPerRow
 //    threads of one row read 128 contiguous bytes;
-//  - the T new tokens are applied to the register copy and the slice is stored once at the end;
+//  - the T new tokens are applied to the register copy and the slice is stored once, right after
+//    the last token's update;
 //  - o_t = q_t S needs a sum over K, which is spread over the threads of the block: warp
 //    shuffles between threads of the same columns, then one small shared-memory pass over warps.
 #pragma once
@@ -51,8 +52,9 @@ struct Config {
   static constexpr int kRowsPerPass = kNumThreads / kThreadsPerRow;  // 16
   static constexpr int kRowsPerThread = kHeadDimK / kRowsPerPass;    // 8 (K=128) or 4 (K=64)
   static constexpr int kSplitsV = kHeadDimV / kBlockV;               // blocks per (row, head)
-  // Occupancy floor: 6 blocks of 128 threads per SM (80 registers, no spills; 64 would spill).
-  static constexpr int kMinBlocksPerSM = 6;
+  // Occupancy floor: 5 blocks of 128 threads per SM (96 registers, no spills; 6 blocks' 80 would
+  // spill). 5 x 16 KB of state loads in flight per SM is still ~3x what Little's law asks at 3 TB/s.
+  static constexpr int kMinBlocksPerSM = 5;
 
   static_assert(kHeadDimK % kRowsPerPass == 0, "K must be a multiple of the rows per pass");
   static_assert(kHeadDimV % kBlockV == 0, "V must be a multiple of the block's columns");
@@ -65,8 +67,43 @@ __device__ __forceinline__ int64_t load_slot(const LightningStepParams& p, int r
                              : static_cast<int64_t>(static_cast<const int32_t*>(p.state_indices)[offset]);
 }
 
+__device__ __forceinline__ float4 load_state(const float* ptr) { return *reinterpret_cast<const float4*>(ptr); }
+__device__ __forceinline__ void store_state(float* ptr, float4 value) { *reinterpret_cast<float4*>(ptr) = value; }
+
+// One new token as a thread needs it: k and q on its kRowsPerThread rows, v on its kVec columns.
+template <int kHeadDim>
+struct TokenSlice {
+  float k[Config<kHeadDim>::kRowsPerThread];
+  float q[Config<kHeadDim>::kRowsPerThread];
+  float v[Config<kHeadDim>::kVec];
+};
+
+template <typename Elem, int kHeadDim>
+__device__ __forceinline__ TokenSlice<kHeadDim> load_token(const LightningStepParams& p, const Elem* q,
+                                                           const Elem* k, const Elem* v, int t, int first_k,
+                                                           int col0) {
+  using Cfg = Config<kHeadDim>;
+  TokenSlice<kHeadDim> token;
+  const Elem* q_t = q + t * p.q_time_stride;
+  const Elem* k_t = k + t * p.k_time_stride;
+  const Elem* v_t = v + t * p.v_time_stride;
+#pragma unroll
+  for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
+    const int64_t kk = first_k + i * Cfg::kRowsPerPass;
+    token.k[i] = to_float(k_t[kk * p.k_dim_stride]);
+    token.q[i] = to_float(q_t[kk * p.q_dim_stride]);
+  }
+#pragma unroll
+  for (int j = 0; j < Cfg::kVec; ++j) token.v[j] = to_float(v_t[(col0 + j) * p.v_dim_stride]);
+  return token;
+}
+
 // Grid: one block per (row b, head h, column slice), flattened into blockIdx.x with the slice
 // fastest so that the blocks of one state run side by side. Block: Config::kNumThreads threads.
+//
+// Latency matters at small batch (one wave of blocks): the loads that do not depend on the
+// row's slot (token 0, the decay) are issued before the slot arrives, the next token's loads
+// before the current token's reduction, and the state is stored before the last reduction.
 template <typename Elem, int kHeadDim>
 __global__ void __launch_bounds__(Config<kHeadDim>::kNumThreads, Config<kHeadDim>::kMinBlocksPerSM)
     lightning_attn_step_fwd_kernel_decode(const __grid_constant__ LightningStepParams p) {
@@ -89,6 +126,8 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kNumThreads, Config<kHeadDim
   Elem* o = static_cast<Elem*>(p.o) + row * p.o_batch_stride + head * p.o_head_stride;
 
   const int64_t slot = load_slot(p, row);
+  const float log_decay = p.log_decay[head];
+  TokenSlice<kHeadDim> token = load_token<Elem, kHeadDim>(p, q, k, v, 0, first_k, col0);
   if (slot < 0 || slot >= p.num_slots) {
     // A bad slot must neither fault nor touch another row's state: flag the row with NaN.
     for (int i = tid; i < p.seqlen * Cfg::kBlockV; i += Cfg::kNumThreads) {
@@ -101,9 +140,9 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kNumThreads, Config<kHeadDim
   float4 s[Cfg::kRowsPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
-    s[i] = *reinterpret_cast<const float4*>(state + (first_k + i * Cfg::kRowsPerPass) * p.state_row_stride);
+    s[i] = load_state(state + (first_k + i * Cfg::kRowsPerPass) * p.state_row_stride);
   }
-  const float decay = expf(p.log_decay[head]);
+  const float decay = expf(log_decay);
 
   // Double-buffered by token parity so one barrier per token suffices: a warp can only rewrite
   // buffer t % 2 at token t + 2 after every thread has passed the barrier of token t + 1, that
@@ -111,27 +150,27 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kNumThreads, Config<kHeadDim
   __shared__ float partial_o[2][Cfg::kNumWarps][Cfg::kBlockV];
 
   for (int t = 0; t < p.seqlen; ++t) {
-    const Elem* q_t = q + t * p.q_time_stride;
-    const Elem* k_t = k + t * p.k_time_stride;
-    const Elem* v_t = v + t * p.v_time_stride;
-    float v_cols[Cfg::kVec];
-#pragma unroll
-    for (int j = 0; j < Cfg::kVec; ++j) v_cols[j] = to_float(v_t[(col0 + j) * p.v_dim_stride]);
-
     float o_cols[Cfg::kVec] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
-      const int kk = first_k + i * Cfg::kRowsPerPass;
-      const float k_i = to_float(k_t[kk * p.k_dim_stride]);
-      const float q_i = to_float(q_t[kk * p.q_dim_stride]);
-      s[i].x = fmaf(decay, s[i].x, k_i * v_cols[0]);
-      s[i].y = fmaf(decay, s[i].y, k_i * v_cols[1]);
-      s[i].z = fmaf(decay, s[i].z, k_i * v_cols[2]);
-      s[i].w = fmaf(decay, s[i].w, k_i * v_cols[3]);
+      const float k_i = token.k[i];
+      const float q_i = token.q[i];
+      s[i].x = fmaf(decay, s[i].x, k_i * token.v[0]);
+      s[i].y = fmaf(decay, s[i].y, k_i * token.v[1]);
+      s[i].z = fmaf(decay, s[i].z, k_i * token.v[2]);
+      s[i].w = fmaf(decay, s[i].w, k_i * token.v[3]);
       o_cols[0] = fmaf(q_i, s[i].x, o_cols[0]);
       o_cols[1] = fmaf(q_i, s[i].y, o_cols[1]);
       o_cols[2] = fmaf(q_i, s[i].z, o_cols[2]);
       o_cols[3] = fmaf(q_i, s[i].w, o_cols[3]);
+    }
+    if (t + 1 < p.seqlen) {
+      token = load_token<Elem, kHeadDim>(p, q, k, v, t + 1, first_k, col0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
+        store_state(state + (first_k + i * Cfg::kRowsPerPass) * p.state_row_stride, s[i]);
+      }
     }
 
     // Lanes l, l ^ 8, l ^ 16, l ^ 24 of a warp hold the same columns on different rows.
@@ -140,9 +179,9 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kNumThreads, Config<kHeadDim
 #pragma unroll
       for (int j = 0; j < Cfg::kVec; ++j) o_cols[j] += __shfl_xor_sync(0xffffffffu, o_cols[j], offset);
     }
-    float* buffer = partial_o[t % 2][warp];
     if (lane < Cfg::kThreadsPerRow) {
-      *reinterpret_cast<float4*>(buffer + lane * Cfg::kVec) = make_float4(o_cols[0], o_cols[1], o_cols[2], o_cols[3]);
+      *reinterpret_cast<float4*>(&partial_o[t % 2][warp][lane * Cfg::kVec]) =
+          make_float4(o_cols[0], o_cols[1], o_cols[2], o_cols[3]);
     }
     __syncthreads();
     if (tid < Cfg::kBlockV) {
@@ -151,11 +190,6 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kNumThreads, Config<kHeadDim
       for (int w = 0; w < Cfg::kNumWarps; ++w) sum += partial_o[t % 2][w][tid];
       o[t * p.o_time_stride + block_col0 + tid] = from_float<Elem>(p.scale * sum);
     }
-  }
-
-#pragma unroll
-  for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
-    *reinterpret_cast<float4*>(state + (first_k + i * Cfg::kRowsPerPass) * p.state_row_stride) = s[i];
   }
 }
 

@@ -54,16 +54,30 @@ def triton_device_reason(device: torch.device) -> Optional[str]:
     return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
 
 
-_modules: dict[str, ModuleType | Exception] = {}
+KERNEL_MODULES = (
+    "hypenet.ops.cuda_ext",
+    "triton_ops.lightning.chunk",
+    "triton_ops.lightning.step",
+    "triton_ops.hype_attention.fwd",
+    "triton_ops.hype_attention.bwd",
+    "triton_ops.hype_attention.decode",
+    "triton_ops.norm",
+)
+
+
+def _import(name: str) -> ModuleType | Exception:
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - any import failure means "backend unavailable, here is why"
+        return err
+
+
+# Imported once, up front: an import inside a traced call would break torch.compile(fullgraph=True).
+_modules: dict[str, ModuleType | Exception] = {name: _import(name) for name in KERNEL_MODULES}
 
 
 def load_kernel_module(name: str) -> ModuleType | Exception:
-    """Import a kernel module once; an import failure is kept and reported as the reason, never raised here."""
-    if name not in _modules:
-        try:
-            _modules[name] = importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 - any import failure means "backend unavailable, here is why"
-            _modules[name] = err
+    """A kernel module of KERNEL_MODULES, or the exception its import raised (reported as the reason)."""
     return _modules[name]
 
 
@@ -78,13 +92,12 @@ def triton_kernel_reason(module_name: str, device: torch.device, *args) -> Optio
     return module.unsupported_reason(*args)
 
 
-def cuda_kernel_reason(op: str, device: torch.device) -> Optional[str]:
-    """Why the compiled extension cannot run `op` here: CPU tensors, no extension, or built without that kernel."""
+def cuda_kernel_reason(op: str, device: torch.device, *args) -> Optional[str]:
+    """Why the compiled extension cannot run `op` on `args` here: CPU tensors, no extension, built without that
+    kernel, or inputs outside what the kernel was instantiated for."""
     if device.type != "cuda":
         return f"CUDA kernels need CUDA tensors, got device {device}"
     module = load_kernel_module("hypenet.ops.cuda_ext")
     if isinstance(module, Exception):
         return f"hypenet.ops.cuda_ext could not be imported: {module}"
-    if not module.cuda_op_available(op):
-        return f"the extension hypenet._C has no {op} kernel ({module.cuda_ext_error() or 'not built with it'})"
-    return None
+    return module.cuda_unsupported_reason(op, *args)

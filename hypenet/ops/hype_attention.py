@@ -94,7 +94,7 @@ def hype_attn(q: Tensor, k: Tensor, v: Tensor, *, alpha: Optional[float] = None,
     reasons = {
         "reference": None,
         "triton": triton_kernel_reason(FWD_MODULE, device, q, k, v, causal),
-        "cuda": cuda_kernel_reason("hype_attn", device),
+        "cuda": cuda_kernel_reason("hype_attn", device, q, k, v),
     }
     chosen = select_backend("hype_attn", backend, device, reasons)
     if chosen == "reference":
@@ -197,7 +197,7 @@ def hype_attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     reasons = {
         "reference": None,
         "triton": triton_kernel_reason(DECODE_MODULE, device, q, k_cache, v_cache, block_table),
-        "cuda": cuda_kernel_reason("hype_attn_decode", device),
+        "cuda": cuda_kernel_reason("hype_attn_decode", device, q, k_cache, v_cache),
     }
     chosen = select_backend("hype_attn_decode", backend, device, reasons)
     if chosen == "reference":

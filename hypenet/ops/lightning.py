@@ -79,7 +79,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
     reasons = {
         "reference": None,
         "triton": triton_kernel_reason(CHUNK_MODULE, device, q, k, v),
-        "cuda": cuda_kernel_reason("lightning_attn", device),
+        "cuda": cuda_kernel_reason("lightning_attn", device, q, k, v),
     }
     chosen = select_backend("lightning_attn", backend, device, reasons)
     if chosen == "reference":
@@ -187,7 +187,7 @@ def lightning_attn_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, stat
     reasons = {
         "reference": None,
         "triton": triton_kernel_reason(STEP_MODULE, device, q, k, v, state),
-        "cuda": cuda_kernel_reason("lightning_attn_step", device),
+        "cuda": cuda_kernel_reason("lightning_attn_step", device, q, k, v, state),
     }
     chosen = select_backend("lightning_attn_step", backend, device, reasons)
     if chosen == "reference":

@@ -49,8 +49,10 @@ def lightning_attn_step_fwd_kernel_decode(
     o_v = i_v * BV + tl.arange(0, BV)
     mask_k = o_k < K
     mask_v = o_v < V
-    # The slot's validity folds into the row mask: a bad slot loads and stores nothing.
-    mask_s = (mask_k & valid)[:, None] & mask_v[None, :]
+    # A bad slot gets an empty row range, so it loads and stores no state (a bool scalar and-ed
+    # with a tensor mask is mistyped by the Triton interpreter, hence no `mask_k & valid`).
+    rows_in_state = o_k < tl.where(valid, K, 0)
+    mask_s = rows_in_state[:, None] & mask_v[None, :]
 
     p_s = state + slot * stride_sn + i_h * stride_sh + o_k[:, None] * stride_sk + o_v[None, :] * stride_sv
     b_s = tl.load(p_s, mask=mask_s, other=0.0)  # (BK, BV) float32
@@ -60,15 +62,32 @@ def lightning_attn_step_fwd_kernel_decode(
     p_k = k + i_b * stride_kb + i_h * stride_kh + o_k * stride_kd
     p_v = v + i_b * stride_vb + i_h * stride_vh + o_v * stride_vd
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_v
-    for t in range(T):
-        b_q = tl.load(p_q + t * stride_qt, mask=mask_k, other=0.0).to(tl.float32)
-        b_k = tl.load(p_k + t * stride_kt, mask=mask_k, other=0.0).to(tl.float32)
-        b_v = tl.load(p_v + t * stride_vt, mask=mask_v, other=0.0).to(tl.float32)
-        b_s = b_s * decay + b_k[:, None] * b_v[None, :]
-        b_o = tl.sum(b_s * b_q[:, None], axis=0) * scale  # (BV,)
-        b_o = tl.where(valid, b_o, float("nan"))
-        tl.store(p_o + t * stride_ot, b_o.to(o.dtype.element_ty), mask=mask_v)
+    for t in range(T - 1):
+        b_s, b_q = _advance(b_s, decay, p_q + t * stride_qt, p_k + t * stride_kt, p_v + t * stride_vt, mask_k, mask_v)
+        _store_output(b_s, b_q, scale, valid, p_o + t * stride_ot, mask_v)
+    # The last token (T >= 1): the state is stored before the output's reduction over K, so its stores
+    # leave while the reduction runs.
+    t = T - 1
+    b_s, b_q = _advance(b_s, decay, p_q + t * stride_qt, p_k + t * stride_kt, p_v + t * stride_vt, mask_k, mask_v)
     tl.store(p_s, b_s, mask=mask_s)
+    _store_output(b_s, b_q, scale, valid, p_o + t * stride_ot, mask_v)
+
+
+@triton.jit
+def _advance(b_s, decay, p_q, p_k, p_v, mask_k, mask_v):
+    """One token: S = decay * S + k^T v on the (BK, BV) tile; returns the new tile and q as float32."""
+    b_q = tl.load(p_q, mask=mask_k, other=0.0).to(tl.float32)
+    b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
+    b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
+    return b_s * decay + b_k[:, None] * b_v[None, :], b_q
+
+
+@triton.jit
+def _store_output(b_s, b_q, scale, valid, p_o, mask_v):
+    """o = scale * q S over the tile's columns; NaN for a row whose slot is outside the pool."""
+    b_o = tl.sum(b_s * b_q[:, None], axis=0) * scale  # (BV,)
+    b_o = tl.where(valid, b_o, float("nan"))
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mask_v)
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> Optional[str]:

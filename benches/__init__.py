@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benches.run --op NAME` (see benches/run.py)."""

@@ -1,0 +1,67 @@
+"""Runs every CUDA kernel of hypenet._C at odd shapes, for compute-sanitizer:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+        python -m benches.cuda_sanitize [--quick]
+
+(without the caching allocator every tensor is its own allocation, so an overrun past a tensor is caught).
+Exits non-zero when an op of the build has no cases here or a case raises; the sanitizer reports the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import torch
+
+
+def lightning_attn_step_cases(quick: bool) -> int:
+    """Pool slots in scrambled order, a slot past the pool and a negative one, strided q/k/v, T > 2 (so the
+    double-buffered shared memory of the output reduction is reused), every dtype and head dim built."""
+    runs = 0
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    for dtype in dtypes:
+        for D in (64, 128):
+            B, T, H, N = 3, 3, 5, 7
+            q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
+            log_decay = -torch.rand(H, device="cuda")
+            state = torch.randn(N, H, D, D, device="cuda")
+            for slots, index_dtype in (([6, 0, 3], torch.int64), ([7, -1, 2], torch.int32)):
+                indices = torch.tensor(slots, device="cuda", dtype=index_dtype)
+                o = torch.ops.hypenet_cuda.lightning_attn_step(q, k, v, log_decay, state, indices, 0.125)
+                torch.cuda.synchronize()
+                valid = torch.tensor([0 <= s < N for s in slots], device="cuda")
+                if not (torch.isfinite(o[valid]).all() and torch.isnan(o[~valid]).all()):
+                    raise AssertionError(f"lightning_attn_step {dtype} D={D} slots={slots}: wrong NaN pattern")
+                runs += 1
+    return runs
+
+
+CASES: dict[str, Callable[[bool], int]] = {
+    "lightning_attn_step": lightning_attn_step_cases,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one dtype (for the slower racecheck)")
+    args = parser.parse_args()
+    from hypenet.ops.cuda_ext import build_info, cuda_ext_error
+
+    if cuda_ext_error() is not None:
+        print(f"cuda_sanitize: no extension to check: {cuda_ext_error()}")
+        return 1
+    built = build_info().get("cuda_ops", [])
+    missing = [op for op in built if op not in CASES]
+    for op in built:
+        if op in CASES:
+            print(f"cuda_sanitize: {op}: {CASES[op](args.quick)} launches", flush=True)
+    if missing:
+        print(f"cuda_sanitize: no cases for built ops {missing}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

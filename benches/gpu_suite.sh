@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The GPU suite, one command on the GPU machine (from the repository root):
+#     bash benches/gpu_suite.sh
+# 1. installs the wheels carried in .whl/ (packages the machine lacks: nvidia-cutlass, fla-core, einops),
+# 2. builds the CUDA extension (editable install),
+# 3. runs the test suite on the GPU (HYPOTHESIS_PROFILE=gpu),
+# 4. runs compute-sanitizer memcheck and racecheck over every CUDA kernel at odd shapes,
+# 5. runs every benchmark module in benches/ops,
+# and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
+# any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output),
+# benches.json (all benchmark rows), summary.txt (what is printed last).
+#
+# Knobs (environment), for narrower runs:
+#   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests)
+#   SUITE_BENCH_OPS="op1 op2"          benchmark modules (default: every file in benches/ops)
+#   SUITE_QUICK=1                      benchmarks with --quick, racecheck on fewer cases
+#   SUITE_SKIP="build tests sanitize bench"  parts to leave out
+#   SUITE_TIMEOUT_<PART>=seconds       per-part limit (BUILD 900, TESTS 1800, SANITIZE 600, BENCH 900 per op)
+#   SUITE_CC / SUITE_CXX               host compilers of the build (default: the system GCC, see below)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS=${OUT:-benches/results}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/suite.log"
+SUMMARY="$RESULTS/summary.txt"
+WORK=$(mktemp -d)
+: > "$LOG"
+export PYTHONUNBUFFERED=1
+FAILED=()
+STATUS_LINES=()
+
+skipped() { [[ " ${SUITE_SKIP:-} " == *" $1 "* ]]; }
+
+# part NAME TIMEOUT CMD...: runs CMD with a time limit, appends its output to the log, records the outcome.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/part.log" 2>&1
+  local rc=$?
+  cat "$WORK/part.log" >> "$LOG"
+  local outcome="ok"
+  if [[ $rc -ne 0 ]]; then
+    outcome="FAILED (exit $rc$([[ $rc -eq 124 || $rc -eq 137 ]] && echo ", timed out after ${limit}s"))"
+    FAILED+=("$name")
+    tail -n 25 "$WORK/part.log"
+  else
+    tail -n 3 "$WORK/part.log"
+  fi
+  STATUS_LINES+=("$(printf '%-34s %-40s %5ss' "$name" "$outcome" "$((SECONDS - start))")")
+  echo "=== $name: $outcome ($((SECONDS - start))s)" | tee -a "$LOG"
+}
+
+{
+  echo "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+  nvcc --version 2>&1 | tail -n 1
+} | tee -a "$LOG"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  part "install wheels" 300 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# The GPU image's default compiler (/opt/gcc) built an extension that segfaulted while formatting a
+# TORCH_CHECK message (inlined libstdc++ code that does not match the libstdc++.so torch loads); the
+# system GCC matches it. SUITE_CC / SUITE_CXX override.
+if [[ -n "${SUITE_CXX:-}" || -x /usr/bin/g++ ]]; then
+  export CC=${SUITE_CC:-/usr/bin/gcc} CXX=${SUITE_CXX:-/usr/bin/g++}
+fi
+echo "# host compilers: CC=${CC:-default} CXX=${CXX:-default}" | tee -a "$LOG"
+
+if ! skipped build; then
+  part "build extension" "${SUITE_TIMEOUT_BUILD:-900}" env MAX_JOBS="${MAX_JOBS:-16}" HYPENET_FORCE_CUDA_BUILD=1 \
+    python3 -m pip install --no-build-isolation --no-deps -v -e .
+  part "extension loads" 60 python3 -c "
+from hypenet.ops import cuda_ext
+print(cuda_ext.build_info())
+assert cuda_ext.cuda_ext_error() is None, cuda_ext.cuda_ext_error()"
+fi
+
+if ! skipped tests; then
+  # shellcheck disable=SC2086  (SUITE_TESTS is a list of paths)
+  part "tests (gpu profile)" "${SUITE_TIMEOUT_TESTS:-1800}" env HYPOTHESIS_PROFILE=gpu \
+    python3 -m pytest -x -q -p no:cacheprovider -rs --durations=10 ${SUITE_TESTS:-tests}
+fi
+
+if ! skipped sanitize; then
+  if command -v compute-sanitizer > /dev/null; then
+    part "compute-sanitizer memcheck" "${SUITE_TIMEOUT_SANITIZE:-600}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m benches.cuda_sanitize
+    part "compute-sanitizer racecheck" "${SUITE_TIMEOUT_SANITIZE:-600}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m benches.cuda_sanitize --quick
+  else
+    echo "=== compute-sanitizer not found" | tee -a "$LOG"
+    FAILED+=("compute-sanitizer missing")
+  fi
+fi
+
+if ! skipped bench; then
+  ops=${SUITE_BENCH_OPS:-$(cd benches/ops && ls ./*.py | sed 's|^\./||; s|\.py$||' | grep -v '^__init__$')}
+  for op in $ops; do
+    # OUT is dropped for the child: the rows are merged into one benches.json below.
+    part "bench $op" "${SUITE_TIMEOUT_BENCH:-900}" env -u OUT python3 -m benches.run --op "$op" \
+      --json "$WORK/bench_$op.json" ${SUITE_QUICK:+--quick}
+  done
+fi
+
+python3 - "$WORK" "$RESULTS/benches.json" > "$WORK/tables.txt" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+from benches.common import format_table
+payloads = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("bench_*.json"))]
+Path(sys.argv[2]).write_text(json.dumps(payloads, indent=2) + "\n")
+for p in payloads:
+    print(f"\n## {p['op']} on {p['device']}")
+    print(format_table(p["rows"]))
+EOF
+
+{
+  echo
+  echo "################ GPU suite summary"
+  printf '%s\n' "${STATUS_LINES[@]}"
+  cat "$WORK/tables.txt"
+  echo
+  if [[ ${#FAILED[@]} -eq 0 ]]; then
+    echo "ALL PARTS OK"
+  else
+    echo "FAILED PARTS: ${FAILED[*]} (full output in $LOG)"
+  fi
+} | tee "$SUMMARY" | tee -a "$LOG"
+rm -rf "$WORK"
+[[ ${#FAILED[@]} -eq 0 ]]

@@ -1,0 +1,1 @@
+"""One module per op: `run(quick: bool) -> list[dict]` returns the rows of its table (benches/common.py)."""
