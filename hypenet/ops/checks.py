@@ -52,6 +52,16 @@ def check_same_dtype(names: Iterable[str], tensors: Iterable[Tensor]) -> None:
                         + ", ".join(f"{n}={t.dtype}" for n, t in zip(names, tensors)))
 
 
+def check_rank4_group(names: Sequence[str], tensors: Sequence[object]) -> torch.device:
+    """Rank-4 float tensors on one device with one dtype (q, k, v or q and the caches). Returns the device."""
+    check_tensor(names[0], tensors[0], ndim=4)
+    device = tensors[0].device
+    for name, t in zip(names[1:], tensors[1:]):
+        check_tensor(name, t, ndim=4, device=device)
+    check_same_dtype(names, tensors)
+    return device
+
+
 def check_scale(scale: Optional[float]) -> None:
     if scale is not None and (not isinstance(scale, (int, float)) or not (scale > 0) or scale == float("inf")):
         raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import (INDEX_DTYPES, check_cu_seqlens, check_index_range, check_same_dtype, check_scale, check_shape,
-                     check_tensor, check_values_once)
+from .checks import (INDEX_DTYPES, check_cu_seqlens, check_index_range, check_rank4_group, check_scale,
+                     check_shape, check_tensor, check_values_once)
 from .dispatch import cuda_kernel_reason, load_kernel_module, select_backend, triton_kernel_reason
 from .reference.hype_attention import hype_attn_decode_ref, hype_attn_ref
 
@@ -56,11 +56,7 @@ def hype_attn(q: Tensor, k: Tensor, v: Tensor, *, alpha: Optional[float] = None,
     Returns:
         o [B, T, Hq, D] in q.dtype. Differentiable in q, k, v.
     """
-    check_tensor("q", q, ndim=4)
-    device = q.device
-    check_tensor("k", k, ndim=4, device=device)
-    check_tensor("v", v, ndim=4, device=device)
-    check_same_dtype(("q", "k", "v"), (q, k, v))
+    device = check_rank4_group(("q", "k", "v"), (q, k, v))
     B, T, Hq, D = q.shape
     S = k.shape[1]
     check_shape("k", k, (B, None, None, None), "[B, S, Hkv, D] with q's B")
@@ -164,11 +160,7 @@ def hype_attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     Returns:
         o [B, Tq, Hq, D] in q.dtype.
     """
-    check_tensor("q", q, ndim=4)
-    device = q.device
-    check_tensor("k_cache", k_cache, ndim=4, device=device)
-    check_tensor("v_cache", v_cache, ndim=4, device=device)
-    check_same_dtype(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    device = check_rank4_group(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
     B, Tq, Hq, D = q.shape
     check_shape("v_cache", v_cache, tuple(k_cache.shape), "the shape of k_cache")
     _check_heads(q, k_cache, v_cache, "k_cache", "v_cache")

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import (INDEX_DTYPES, check_cu_seqlens, check_index_range, check_same_dtype, check_scale, check_shape,
-                     check_tensor, check_values_once)
+from .checks import (INDEX_DTYPES, check_cu_seqlens, check_index_range, check_rank4_group, check_scale,
+                     check_shape, check_tensor, check_values_once)
 from .dispatch import cuda_kernel_reason, load_kernel_module, select_backend, triton_kernel_reason
 from .reference.lightning import lightning_attn_ref, lightning_attn_step_ref
 
@@ -29,11 +29,7 @@ def _check_log_decay(log_decay: object, H: int, device: torch.device) -> None:
 
 
 def _check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int]:
-    check_tensor("q", q, ndim=4)
-    device = q.device
-    check_tensor("k", k, ndim=4, device=device)
-    check_tensor("v", v, ndim=4, device=device)
-    check_same_dtype(("q", "k", "v"), (q, k, v))
+    check_rank4_group(("q", "k", "v"), (q, k, v))
     B, T, H, K = q.shape
     check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")
     check_shape("v", v, (B, T, H, None), "[B, T, H, V]")
