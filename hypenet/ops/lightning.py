@@ -116,7 +116,7 @@ def _lightning_attn_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
 
 @_lightning_attn_bwd.register_fake
 def _(q, k, v, log_decay, scale, initial_state, cu_seqlens, do, dfinal_state, backend):
-    dinitial = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+    dinitial = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinitial
 
 

@@ -58,7 +58,7 @@ def _chunked_one_sequence(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, sc
         scores = (qc @ kc.transpose(-1, -2)) * intra_decay  # (H, C, C)
         o = scores @ vc + (qc * query_decay[:, :, None]) @ state  # (H, C, V)
         outputs.append(o)
-        key_decay = torch.exp(g * (length - 1 - i)) * (i < length)  # (H, C): gamma^(L-1-j) for real rows j
+        key_decay = torch.exp(g * (length - 1 - i).clamp(min=0)) * (i < length)  # (H, C): gamma^(L-1-j), real j
         state = torch.exp(g[:, :, None] * length) * state + (kc * key_decay[:, :, None]).transpose(-1, -2) @ vc
     o = torch.stack(outputs).transpose(1, 2).reshape(n_chunks * chunk, H, V)[:T]
     return o * scale, state

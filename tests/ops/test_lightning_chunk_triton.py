@@ -1,0 +1,266 @@
+"""The chunked Lightning Attention Triton kernels (`triton_ops.lightning.chunk`) against the reference.
+
+Properties, on Hypothesis-drawn shapes, decays, scales and packings:
+- o, final_state and the gradients of q, k, v and initial_state match `lightning_attn_ref` under the tolerance rule
+  (the fp64 run of the reference on the same low-precision inputs is the truth, the reference's own low-precision
+  run sets the allowance), with and without an initial state and a final-state gradient;
+- packed ragged sequences (cu_seqlens) match the reference, which runs each sequence alone (no state leaks);
+- every way of cutting sequences into parallel segments (segment_len) gives the same answer;
+- T = 1, T not a multiple of the 64-token chunk, very weak (log_decay ~ -1e-4) and strong (~ -8) decays;
+- the public op `hypenet.ops.lightning_attn(..., backend="triton")` runs these kernels under autograd;
+- on a GPU: bf16 at larger shapes, and a 65536-token sequence whose fp32 state must not drift from fp64.
+Outputs are NaN-poisoned before each run (tests/conftest.py), so an unwritten element fails.
+
+Allowance: the rule's atol is a few units in the last place of the tensor's largest entry in the input dtype. The
+kernels round matmul operands (decayed scores, decayed values and, in bf16, the state) to the input dtype, as every
+tensor-core implementation does; the reference rounds only its output, so an element whose reference happens to
+round almost exactly would otherwise allow no error at all. Norm-wise errors are checked tightly besides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import hypenet.ops
+from hypenet.ops.reference.lightning import lightning_attn_ref
+from tests.conftest import triton_device
+from tests.strategies import cu_seqlens as cu_seqlens_strategy, log_decays, randn
+from tests.tolerance import assert_close_to_ref, relative_error
+from triton_ops.lightning import chunk
+
+F64 = torch.float64
+# atol of the rule, in units of the largest |truth| of each tensor (see the module docstring), and the bound on
+# the norm-wise relative error.
+ATOL_OF_MAX = {torch.float32: 2.0 ** -19, torch.float16: 2.0 ** -8, torch.bfloat16: 2.0 ** -6}
+NORM_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@dataclass
+class Case:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    dtype: torch.dtype
+    lengths: Optional[list[int]]  # packed sequences (B == 1, T == sum) or None
+    with_initial: bool
+    with_dfinal: bool
+    strength: float  # log decays drawn in [-strength, 0)
+    scale: float
+    segment_len: Optional[int]
+    seed: int
+
+    @property
+    def N(self) -> int:
+        return self.B if self.lengths is None else len(self.lengths)
+
+
+def _offsets(lengths: list[int], device: str) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _make_inputs(case: Case, device: str) -> dict:
+    shape_k, shape_v = (case.B, case.T, case.H, case.K), (case.B, case.T, case.H, case.V)
+    state_shape = (case.N, case.H, case.K, case.V)
+    return {
+        "q": randn(shape_k, case.dtype, device, case.seed),
+        "k": randn(shape_k, case.dtype, device, case.seed + 1),
+        "v": randn(shape_v, case.dtype, device, case.seed + 2),
+        "log_decay": log_decays(case.H, case.strength, case.seed).to(device),
+        "initial_state": randn(state_shape, torch.float32, device, case.seed + 3) if case.with_initial else None,
+        "cu_seqlens": _offsets(case.lengths, device) if case.lengths is not None else None,
+        "do": randn(shape_v, case.dtype, device, case.seed + 4),
+        "dfinal": randn(state_shape, torch.float32, device, case.seed + 5) if case.with_dfinal else None,
+    }
+
+
+def _reference(x: dict, scale: float, to_fp64: bool) -> dict:
+    """o, final_state and the gradients of q, k, v, initial_state from the reference (inputs upcast to fp64, or
+    as they are: fp32 inside, outputs in the input dtype)."""
+    cast = (lambda t: t.to(F64)) if to_fp64 else (lambda t: t)
+    leaves = {name: cast(x[name]).detach().requires_grad_() for name in ("q", "k", "v")}
+    if x["initial_state"] is not None:
+        leaves["initial_state"] = cast(x["initial_state"]).detach().requires_grad_()
+    o, final = lightning_attn_ref(leaves["q"], leaves["k"], leaves["v"], x["log_decay"], scale,
+                                  leaves.get("initial_state"), True, x["cu_seqlens"])
+    outputs, grads = [o], [cast(x["do"])]
+    if x["dfinal"] is not None:
+        outputs.append(final)
+        grads.append(cast(x["dfinal"]))
+    names = list(leaves)
+    got = torch.autograd.grad(outputs, [leaves[n] for n in names], grads)
+    result = {"o": o.detach(), "final_state": final.detach()}
+    result.update({f"d{n}": g for n, g in zip(names, got)})
+    return result
+
+
+def _kernels(x: dict, scale: float, segment_len: Optional[int]) -> dict:
+    o, final = chunk.lightning_chunk_fwd(x["q"], x["k"], x["v"], x["log_decay"], scale, x["initial_state"],
+                                         x["cu_seqlens"], True, segment_len=segment_len)
+    dq, dk, dv, dinitial = chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
+                                                     x["initial_state"], x["cu_seqlens"], x["do"], x["dfinal"],
+                                                     segment_len=segment_len)
+    result = {"o": o, "final_state": final, "dq": dq, "dk": dk, "dv": dv}
+    if x["initial_state"] is not None:
+        result["dinitial_state"] = dinitial
+    else:
+        assert dinitial is None
+    return result
+
+
+def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> None:
+    assert set(got) == set(fp64), f"outputs {sorted(got)} != reference outputs {sorted(fp64)}"
+    for name, truth in fp64.items():
+        out = got[name]
+        assert not torch.isnan(truth).any(), f"{name}: the fp64 reference has NaN"
+        # The fp32 reference can overflow exp() in the weights of zero-padded rows of a partial chunk under strong
+        # decay (inf * 0 = NaN); there the allowance falls back to atol alone instead of passing vacuously.
+        reference_lowp = torch.where(torch.isnan(lowp[name]), truth.to(lowp[name].dtype), lowp[name])
+        expected_dtype = torch.float32 if name in ("final_state", "dinitial_state") else dtype
+        assert out.dtype == expected_dtype, f"{name}: dtype {out.dtype}, expected {expected_dtype}"
+        atol = ATOL_OF_MAX[dtype] * float(truth.abs().max()) + 1e-30
+        assert_close_to_ref(out, reference_lowp, truth, c=2.0, atol=atol, name=name)
+        assert relative_error(out, truth) <= NORM_TOL[dtype], f"{name}: norm-wise error {relative_error(out, truth)}"
+
+
+def _check_case(case: Case, device: str) -> None:
+    x = _make_inputs(case, device)
+    scale = case.scale
+    got = _kernels(x, scale, case.segment_len)
+    _assert_matches(got, _reference(x, scale, to_fp64=False), _reference(x, scale, to_fp64=True), case.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 tl.dot is wrong: bf16 runs on the GPU only
+STRENGTHS = [1e-3, 1.0, 8.0]  # very weak, model-like, very strong decay
+
+
+@st.composite
+def dense_cases(draw, dtypes, head_dims, max_batch, max_heads, max_tokens, segment_lens, equal_dims=False):
+    K = draw(st.sampled_from(head_dims))
+    return Case(B=draw(st.integers(1, max_batch)), T=draw(st.integers(1, max_tokens)),
+                H=draw(st.integers(1, max_heads)), K=K, V=K if equal_dims else draw(st.sampled_from(head_dims)),
+                dtype=draw(st.sampled_from(dtypes)), lengths=None, with_initial=draw(st.booleans()),
+                with_dfinal=draw(st.booleans()), strength=draw(st.sampled_from(STRENGTHS)),
+                scale=draw(st.sampled_from([K ** -0.5, 1.0, 0.05])), segment_len=draw(st.sampled_from(segment_lens)),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@st.composite
+def packed_cases(draw, dtypes, head_dims, max_heads, max_tokens, max_sequences, segment_lens):
+    offsets, total = draw(cu_seqlens_strategy(max_tokens, max_sequences))
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    K = draw(st.sampled_from(head_dims))
+    return Case(B=1, T=total, H=draw(st.integers(1, max_heads)), K=K, V=K, dtype=draw(st.sampled_from(dtypes)),
+                lengths=lengths, with_initial=draw(st.booleans()), with_dfinal=draw(st.booleans()),
+                strength=draw(st.sampled_from(STRENGTHS)), scale=K ** -0.5,
+                segment_len=draw(st.sampled_from(segment_lens)), seed=draw(st.integers(0, 2**16)))
+
+
+# ------------------------------------------------------------------------------------------------ CPU / any device
+
+@given(case=dense_cases(CPU_DTYPES, [16, 32], max_batch=2, max_heads=2, max_tokens=150,
+                        segment_lens=[None, 64, 128]))
+def test_dense_batch_matches_reference(case: Case):
+    _check_case(case, triton_device())
+
+
+@given(case=packed_cases(CPU_DTYPES, [16, 32], max_heads=2, max_tokens=200, max_sequences=4,
+                         segment_lens=[None, 64]))
+def test_packed_sequences_match_reference(case: Case):
+    _check_case(case, triton_device())
+
+
+@pytest.mark.parametrize("T, segment_len, strength", [
+    (1, None, 1.0),  # a single token
+    (64, None, 1e-4),  # exactly one chunk, nearly no decay
+    (65, 64, 8.0),  # one token past the chunk, strong decay, two segments
+    (200, 64, 1e-4),  # four segments, the last one partial
+])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_edge_lengths_and_decays(T, segment_len, strength, dtype):
+    case = Case(B=1, T=T, H=2, K=16, V=32, dtype=dtype, lengths=None, with_initial=True, with_dfinal=True,
+                strength=strength, scale=0.25, segment_len=segment_len, seed=T)
+    _check_case(case, triton_device())
+
+
+def test_segmenting_does_not_change_the_result():
+    """One pass per sequence and 64-token segments are the same computation up to fp32 rounding."""
+    case = Case(B=1, T=150, H=1, K=32, V=32, dtype=torch.float32, lengths=[37, 113], with_initial=True,
+                with_dfinal=True, strength=0.01, scale=0.2, segment_len=None, seed=7)
+    x = _make_inputs(case, triton_device())
+    whole = _kernels(x, case.scale, None)
+    cut = _kernels(x, case.scale, 64)
+    for name in whole:
+        torch.testing.assert_close(cut[name], whole[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_final_state_only_when_asked():
+    device = triton_device()
+    x = _make_inputs(Case(1, 3, 1, 16, 16, torch.float32, None, False, False, 1.0, 0.25, None, 0), device)
+    o, final = chunk.lightning_chunk_fwd(x["q"], x["k"], x["v"], x["log_decay"], 0.25, None, None, False)
+    assert final is None and o.shape == x["v"].shape
+
+
+def test_public_op_runs_the_triton_kernels():
+    """hypenet.ops.lightning_attn(backend="triton"): forward and autograd through the op's registration."""
+    device = triton_device()
+    case = Case(B=1, T=90, H=2, K=16, V=16, dtype=torch.float32, lengths=[20, 70], with_initial=True,
+                with_dfinal=True, strength=1.0, scale=0.25, segment_len=None, seed=11)
+    x = _make_inputs(case, device)
+    leaves = {n: x[n].detach().requires_grad_() for n in ("q", "k", "v", "initial_state")}
+    o, final = hypenet.ops.lightning_attn(leaves["q"], leaves["k"], leaves["v"], x["log_decay"], scale=case.scale,
+                                          initial_state=leaves["initial_state"], output_final_state=True,
+                                          cu_seqlens=x["cu_seqlens"], backend="triton")
+    grads = torch.autograd.grad([o, final], list(leaves.values()), [x["do"], x["dfinal"]])
+    got = {"o": o.detach(), "final_state": final.detach()}
+    got.update({f"d{n}": g for n, g in zip(leaves, grads)})
+    _assert_matches(got, _reference(x, case.scale, False), _reference(x, case.scale, True), case.dtype)
+
+
+def test_unsupported_inputs_are_named():
+    device = triton_device()
+    q = torch.zeros(1, 4, 2, 48, device=device)
+    reason = chunk.unsupported_reason(q, q, q)
+    assert reason is not None and "48" in reason
+    q16 = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16, device=device)
+    if device == "cpu":  # the interpreter's bf16 dot is wrong: refused, never silently run
+        assert "bf16" in (chunk.unsupported_reason(q16, q16, q16) or "")
+    else:
+        assert chunk.unsupported_reason(q16, q16, q16) is None
+    with pytest.raises(ValueError, match="segment_len"):
+        x = torch.zeros(1, 4, 1, 16, device=device)
+        chunk.lightning_chunk_fwd(x, x, x, torch.zeros(1, device=device), 1.0, None, None, False, segment_len=100)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+
+# The GPU cases keep K == V (the model's layout) and few dtypes: every new combination compiles ~10 kernels.
+@pytest.mark.cuda
+@given(case=dense_cases([torch.bfloat16, torch.float16], [64, 128], max_batch=3, max_heads=4, max_tokens=1500,
+                        segment_lens=[None, 256], equal_dims=True))
+def test_gpu_dense_batch_matches_reference(case: Case):
+    _check_case(case, "cuda")
+
+
+@pytest.mark.cuda
+@given(case=packed_cases([torch.bfloat16], [64, 128], max_heads=4, max_tokens=3000, max_sequences=6,
+                         segment_lens=[None, 128]))
+def test_gpu_packed_sequences_match_reference(case: Case):
+    _check_case(case, "cuda")
+
+
+@pytest.mark.cuda
+def test_gpu_long_sequence_state_does_not_drift():
+    """65536 tokens, bf16, weak decays (memory of ~10^4 tokens): o, final_state and the gradients stay within the
+    rule against fp64 although the default plan cuts the sequence into parallel segments."""
+    case = Case(B=1, T=65536, H=2, K=128, V=128, dtype=torch.bfloat16, lengths=None, with_initial=True,
+                with_dfinal=True, strength=1e-3, scale=128 ** -0.5, segment_len=None, seed=3)
+    _check_case(case, "cuda")
