@@ -53,7 +53,8 @@ def _rmsnorm_gate_fwd(x: Tensor, z: Tensor, weight: Tensor, eps: float) -> tuple
 
 @_rmsnorm_gate_fwd.register_fake
 def _(x, z, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    # the kernel writes contiguous outputs whatever the input strides
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("hypenet::rmsnorm_gate_bwd", mutates_args=())
@@ -127,7 +128,7 @@ def _qk_norm_rope_fwd(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, 
 
 @_qk_norm_rope_fwd.register_fake
 def _(q, k, q_weight, k_weight, cos, sin, eps):
-    return (torch.empty_like(q), torch.empty_like(k), q.new_empty(q.shape[:-1], dtype=torch.float32),
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
             k.new_empty(k.shape[:-1], dtype=torch.float32))
 
 

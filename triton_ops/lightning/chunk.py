@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..device import sm_count
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two for tl.dot; a [128, BV] fp32 state still fits registers
 CHUNK = 64  # BT: tokens per chunk (a 64-row tile is one Hopper warpgroup MMA)
@@ -341,9 +343,7 @@ class _Segments:
 
 
 def _resident_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any small number, so that tests exercise segmenting
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 def _plan_segments(T: int, N: int, H: int, DC: int, cu_seqlens: Optional[Tensor], device: torch.device,

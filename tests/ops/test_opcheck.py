@@ -1,0 +1,69 @@
+"""torch.library.opcheck of every registered kernel op (schema, fake tensors, autograd registration, AOT dispatch),
+run on the Triton backend (CPU under TRITON_INTERPRET=1, or the GPU) and on the CUDA backend where it is built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypenet.ops.dispatch import cuda_kernel_reason
+from tests.strategies import log_decays, randn
+
+
+def _cases(device: str, dtype: torch.dtype):
+    B, T, H, D = 1, 20, 2, 64
+    q, k, v = (randn((B, T, H, D), dtype, device, s, 0.5).requires_grad_() for s in range(3))
+    g = log_decays(H, 1.0, 0).to(device)
+    h0 = randn((B, H, D, D), torch.float32, device, 3, 0.1).requires_grad_()
+    cu = torch.tensor([0, 7, 20], device=device, dtype=torch.int32)
+    qh = randn((B, T, 4, D), dtype, device, 4, 0.5).requires_grad_()
+    state = randn((3, H, D, D), torch.float32, device, 5, 0.1)
+    x, z = randn((B, T, 128), dtype, device, 6), randn((B, T, 128), dtype, device, 7)
+    w = randn((128,), dtype, device, 8).requires_grad_()
+    angles = randn((1, T, D // 2), torch.float32, device, 9)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    wq, wk = randn((D,), dtype, device, 10).requires_grad_(), randn((D,), dtype, device, 11).requires_grad_()
+    kc = randn((2, 24, H, D), dtype, device, 12)
+    lens = torch.tensor([5, 24], device=device, dtype=torch.int32)
+    q_dec = randn((2, 1, 4, D), dtype, device, 13)
+    scale = D ** -0.5
+    return {
+        "lightning_attn_fwd": lambda be: (torch.ops.hypenet.lightning_attn_fwd.default,
+                                          (q, k, v, g, scale, h0, True, None, be)),
+        "lightning_attn_fwd_packed": lambda be: (torch.ops.hypenet.lightning_attn_fwd.default,
+                                                 (q, k, v, g, scale, None, True, cu, be)),
+        "lightning_attn_step": lambda be: (torch.ops.hypenet.lightning_attn_step.default,
+                                           (q.detach()[:, :1].repeat(2, 1, 1, 1), k.detach()[:, :1].repeat(2, 1, 1, 1),
+                                            v.detach()[:, :1].repeat(2, 1, 1, 1), g, state,
+                                            torch.tensor([2, 0], device=device, dtype=torch.int32), scale, be)),
+        "hype_attn_fwd": lambda be: (torch.ops.hypenet.hype_attn_fwd.default,
+                                     (qh, k, v, 500.0, scale, True, None, None, be)),
+        "hype_attn_decode": lambda be: (torch.ops.hypenet.hype_attn_decode.default,
+                                        (q_dec, kc, kc, lens, 500.0, scale, None, be)),
+        "rmsnorm_gate_fwd": lambda be: (torch.ops.hypenet.rmsnorm_gate_fwd.default,
+                                        (x.requires_grad_(), z.requires_grad_(), w, 1e-6)),
+        "qk_norm_rope_fwd": lambda be: (torch.ops.hypenet.qk_norm_rope_fwd.default,
+                                        (qh, k, wq, wk, cos, sin, 1e-6)),
+    }
+
+
+TRITON_OPS = ["lightning_attn_fwd", "lightning_attn_fwd_packed", "lightning_attn_step", "hype_attn_fwd",
+              "hype_attn_decode", "rmsnorm_gate_fwd", "qk_norm_rope_fwd"]
+
+
+@pytest.mark.parametrize("name", TRITON_OPS)
+def test_opcheck_triton(name, triton_dev):
+    # fp32 on the interpreter (its bf16 dot is broken); bf16 on the GPU
+    dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
+    op, args = _cases(triton_dev, dtype)[name]("triton")
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda_step():
+    op, args = _cases("cuda", torch.bfloat16)["lightning_attn_step"]("cuda")
+    q, k, v, _, state = args[:5]
+    reason = cuda_kernel_reason("lightning_attn_step", torch.device("cuda"), q, k, v, state)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.library.opcheck(op, args)
