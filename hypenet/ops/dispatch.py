@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -101,3 +101,14 @@ def cuda_kernel_reason(op: str, device: torch.device, *args) -> Optional[str]:
     if isinstance(module, Exception):
         return f"hypenet.ops.cuda_ext could not be imported: {module}"
     return module.cuda_unsupported_reason(op, *args)
+
+
+def kernel_op(qualname: str, impl: Callable, fake: Callable, *, mutates_args: tuple[str, ...] = (),
+              setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
+    """Register `impl` as the torch.library custom op `qualname`, with its fake (shapes for tracing) and, when
+    given, its autograd; returns the op."""
+    op = torch.library.custom_op(qualname, mutates_args=mutates_args)(impl)
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op

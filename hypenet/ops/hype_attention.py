@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .checks import (INDEX_DTYPES, check_cu_seqlens, check_index_range, check_rank4_group, check_scale,
                      check_shape, check_tensor, check_values_once)
-from .dispatch import cuda_kernel_reason, load_kernel_module, select_backend, triton_kernel_reason
+from .dispatch import cuda_kernel_reason, kernel_op, load_kernel_module, select_backend, triton_kernel_reason
 from .reference.hype_attention import hype_attn_decode_ref, hype_attn_ref
 
 FWD_MODULE = "triton_ops.hype_attention.fwd"
@@ -95,11 +95,10 @@ def hype_attn(q: Tensor, k: Tensor, v: Tensor, *, alpha: Optional[float] = None,
     chosen = select_backend("hype_attn", backend, device, reasons)
     if chosen == "reference":
         return hype_attn_ref(q, k, v, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k)
-    o, _ = torch.ops.hypenet.hype_attn_fwd(q, k, v, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, chosen)
+    o, _ = _hype_attn_fwd_op(q, k, v, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, chosen)
     return o
 
 
-@torch.library.custom_op("hypenet::hype_attn_fwd", mutates_args=())
 def _hype_attn_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Optional[float], scale: float, causal: bool,
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    backend: str) -> tuple[Tensor, Tensor]:
@@ -108,13 +107,11 @@ def _hype_attn_fwd(q: Tensor, k: Tensor, v: Tensor, alpha: Optional[float], scal
     return o, lse
 
 
-@_hype_attn_fwd.register_fake
-def _(q, k, v, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, backend):
+def _hype_attn_fwd_fake(q, k, v, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, backend):
     B, T, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
-@torch.library.custom_op("hypenet::hype_attn_bwd", mutates_args=())
 def _hype_attn_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, alpha: Optional[float],
                    scale: float, causal: bool, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,9 +119,11 @@ def _hype_attn_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
                                                         cu_seqlens_k)
 
 
-@_hype_attn_bwd.register_fake
-def _(q, k, v, o, lse, do, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, backend):
+def _hype_attn_bwd_fake(q, k, v, o, lse, do, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_hype_attn_bwd_op = kernel_op("hypenet::hype_attn_bwd", _hype_attn_bwd, _hype_attn_bwd_fake)
 
 
 def _hype_setup(ctx, inputs, output):
@@ -136,12 +135,13 @@ def _hype_setup(ctx, inputs, output):
 
 def _hype_backward(ctx, do, dlse):
     q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.hypenet.hype_attn_bwd(q, k, v, o, lse, do.contiguous(), ctx.alpha, ctx.scale, ctx.causal,
-                                                 cu_seqlens_q, cu_seqlens_k, ctx.backend)
+    dq, dk, dv = _hype_attn_bwd_op(q, k, v, o, lse, do.contiguous(), ctx.alpha, ctx.scale, ctx.causal, cu_seqlens_q,
+                                   cu_seqlens_k, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_hype_attn_fwd.register_autograd(_hype_backward, setup_context=_hype_setup)
+_hype_attn_fwd_op = kernel_op("hypenet::hype_attn_fwd", _hype_attn_fwd, _hype_attn_fwd_fake,
+                              setup_context=_hype_setup, backward=_hype_backward)
 
 
 def hype_attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
@@ -195,16 +195,17 @@ def hype_attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if chosen == "reference":
         with torch.no_grad():
             return hype_attn_decode_ref(q, k_cache, v_cache, cache_seqlens, alpha, scale, block_table)
-    return torch.ops.hypenet.hype_attn_decode(q, k_cache, v_cache, cache_seqlens, alpha, scale, block_table, chosen)
+    return _hype_attn_decode_op(q, k_cache, v_cache, cache_seqlens, alpha, scale, block_table, chosen)
 
 
-@torch.library.custom_op("hypenet::hype_attn_decode", mutates_args=())
 def _hype_attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, alpha: Optional[float],
                       scale: float, block_table: Optional[Tensor], backend: str) -> Tensor:
     return load_kernel_module(DECODE_MODULE).hype_attn_decode(q, k_cache, v_cache, cache_seqlens, alpha, scale,
                                                               block_table)
 
 
-@_hype_attn_decode.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, alpha, scale, block_table, backend):
+def _hype_attn_decode_fake(q, k_cache, v_cache, cache_seqlens, alpha, scale, block_table, backend):
     return torch.empty_like(q)
+
+
+_hype_attn_decode_op = kernel_op("hypenet::hype_attn_decode", _hype_attn_decode, _hype_attn_decode_fake)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .checks import (INDEX_DTYPES, check_cu_seqlens, check_index_range, check_rank4_group, check_scale,
                      check_shape, check_tensor, check_values_once)
-from .dispatch import cuda_kernel_reason, load_kernel_module, select_backend, triton_kernel_reason
+from .dispatch import cuda_kernel_reason, kernel_op, load_kernel_module, select_backend, triton_kernel_reason
 from .reference.lightning import lightning_attn_ref, lightning_attn_step_ref
 
 CHUNK_MODULE = "triton_ops.lightning.chunk"
@@ -80,12 +80,11 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
     chosen = select_backend("lightning_attn", backend, device, reasons)
     if chosen == "reference":
         return lightning_attn_ref(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-    o, final_state = torch.ops.hypenet.lightning_attn_fwd(q, k, v, log_decay, scale, initial_state,
-                                                          output_final_state, cu_seqlens, chosen)
+    o, final_state = _lightning_attn_fwd_op(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                            cu_seqlens, chosen)
     return o, (final_state if output_final_state else None)
 
 
-@torch.library.custom_op("hypenet::lightning_attn_fwd", mutates_args=())
 def _lightning_attn_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], output_final_state: bool, cu_seqlens: Optional[Tensor],
                         backend: str) -> tuple[Tensor, Tensor]:
@@ -96,15 +95,13 @@ def _lightning_attn_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     return o, final_state if final_state is not None else q.new_empty(0, dtype=torch.float32)
 
 
-@_lightning_attn_fwd.register_fake
-def _(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, backend):
+def _lightning_attn_fwd_fake(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, backend):
     B, T, H, _ = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_shape = (N, H, q.shape[-1], v.shape[-1]) if output_final_state else (0,)
     return v.new_empty(B, T, H, v.shape[-1], dtype=q.dtype), q.new_empty(state_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("hypenet::lightning_attn_bwd", mutates_args=())
 def _lightning_attn_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
                         dfinal_state: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -114,10 +111,13 @@ def _lightning_attn_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     return dq, dk, dv, dinitial if dinitial is not None else q.new_empty(0, dtype=torch.float32)
 
 
-@_lightning_attn_bwd.register_fake
-def _(q, k, v, log_decay, scale, initial_state, cu_seqlens, do, dfinal_state, backend):
-    dinitial = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+def _lightning_attn_bwd_fake(q, k, v, log_decay, scale, initial_state, cu_seqlens, do, dfinal_state, backend):
+    dinitial = (torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None
+                else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinitial
+
+
+_lightning_attn_bwd_op = kernel_op("hypenet::lightning_attn_bwd", _lightning_attn_bwd, _lightning_attn_bwd_fake)
 
 
 def _lightning_setup(ctx, inputs, output):
@@ -130,13 +130,13 @@ def _lightning_backward(ctx, do, dfinal_state):
     q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
     if dfinal_state is not None and dfinal_state.numel() == 0:
         dfinal_state = None
-    dq, dk, dv, dinitial = torch.ops.hypenet.lightning_attn_bwd(q, k, v, log_decay, ctx.scale, initial_state,
-                                                                cu_seqlens, do.contiguous(), dfinal_state,
-                                                                ctx.backend)
+    dq, dk, dv, dinitial = _lightning_attn_bwd_op(q, k, v, log_decay, ctx.scale, initial_state, cu_seqlens,
+                                                  do.contiguous(), dfinal_state, ctx.backend)
     return dq, dk, dv, None, None, (dinitial if initial_state is not None else None), None, None, None
 
 
-_lightning_attn_fwd.register_autograd(_lightning_backward, setup_context=_lightning_setup)
+_lightning_attn_fwd_op = kernel_op("hypenet::lightning_attn_fwd", _lightning_attn_fwd, _lightning_attn_fwd_fake,
+                                   setup_context=_lightning_setup, backward=_lightning_backward)
 
 
 def lightning_attn_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, *,
@@ -189,10 +189,9 @@ def lightning_attn_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, stat
     if chosen == "reference":
         with torch.no_grad():
             return lightning_attn_step_ref(q, k, v, log_decay, state, scale, state_indices)
-    return torch.ops.hypenet.lightning_attn_step(q, k, v, log_decay, state, state_indices, scale, chosen)
+    return _lightning_attn_step_op(q, k, v, log_decay, state, state_indices, scale, chosen)
 
 
-@torch.library.custom_op("hypenet::lightning_attn_step", mutates_args=("state",))
 def _lightning_attn_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
                          state_indices: Optional[Tensor], scale: float, backend: str) -> Tensor:
     if state_indices is None:
@@ -202,6 +201,9 @@ def _lightning_attn_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, sta
     return load_kernel_module(STEP_MODULE).lightning_attn_step(q, k, v, log_decay, state, scale, state_indices)
 
 
-@_lightning_attn_step.register_fake
-def _(q, k, v, log_decay, state, state_indices, scale, backend):
+def _lightning_attn_step_fake(q, k, v, log_decay, state, state_indices, scale, backend):
     return torch.empty_like(v, dtype=q.dtype)
+
+
+_lightning_attn_step_op = kernel_op("hypenet::lightning_attn_step", _lightning_attn_step, _lightning_attn_step_fake,
+                                    mutates_args=("state",))

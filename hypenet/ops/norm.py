@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_same_dtype, check_shape, check_tensor
-from .dispatch import load_kernel_module, select_backend, triton_kernel_reason
+from .dispatch import kernel_op, load_kernel_module, select_backend, triton_kernel_reason
 from .reference.norm import qk_norm_rope_ref, rmsnorm_gate_ref
 
 NORM_MODULE = "triton_ops.norm"
@@ -42,30 +42,29 @@ def rmsnorm_gate(x: Tensor, z: Tensor, weight: Tensor, *, eps: float = 1e-6, bac
     chosen = select_backend("rmsnorm_gate", backend, device, reasons)
     if chosen == "reference":
         return rmsnorm_gate_ref(x, z, weight, eps)
-    y, _ = torch.ops.hypenet.rmsnorm_gate_fwd(x, z, weight, float(eps))
+    y, _ = _rmsnorm_gate_fwd_op(x, z, weight, float(eps))
     return y
 
 
-@torch.library.custom_op("hypenet::rmsnorm_gate_fwd", mutates_args=())
 def _rmsnorm_gate_fwd(x: Tensor, z: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return load_kernel_module(NORM_MODULE).rmsnorm_gate_fwd(x, z, weight, eps)
 
 
-@_rmsnorm_gate_fwd.register_fake
-def _(x, z, weight, eps):
+def _rmsnorm_gate_fwd_fake(x, z, weight, eps):
     # the kernel writes contiguous outputs whatever the input strides
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("hypenet::rmsnorm_gate_bwd", mutates_args=())
 def _rmsnorm_gate_bwd(x: Tensor, z: Tensor, weight: Tensor, rstd: Tensor,
                       dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return load_kernel_module(NORM_MODULE).rmsnorm_gate_bwd(x, z, weight, rstd, dy)
 
 
-@_rmsnorm_gate_bwd.register_fake
-def _(x, z, weight, rstd, dy):
+def _rmsnorm_gate_bwd_fake(x, z, weight, rstd, dy):
     return torch.empty_like(x), torch.empty_like(z), torch.empty_like(weight)
+
+
+_rmsnorm_gate_bwd_op = kernel_op("hypenet::rmsnorm_gate_bwd", _rmsnorm_gate_bwd, _rmsnorm_gate_bwd_fake)
 
 
 def _rmsnorm_gate_setup(ctx, inputs, output):
@@ -75,11 +74,12 @@ def _rmsnorm_gate_setup(ctx, inputs, output):
 
 def _rmsnorm_gate_backward(ctx, dy, drstd):
     x, z, weight, rstd = ctx.saved_tensors
-    dx, dz, dweight = torch.ops.hypenet.rmsnorm_gate_bwd(x, z, weight, rstd, dy.contiguous())
+    dx, dz, dweight = _rmsnorm_gate_bwd_op(x, z, weight, rstd, dy.contiguous())
     return dx, dz, dweight, None
 
 
-_rmsnorm_gate_fwd.register_autograd(_rmsnorm_gate_backward, setup_context=_rmsnorm_gate_setup)
+_rmsnorm_gate_fwd_op = kernel_op("hypenet::rmsnorm_gate_fwd", _rmsnorm_gate_fwd, _rmsnorm_gate_fwd_fake,
+                                 setup_context=_rmsnorm_gate_setup, backward=_rmsnorm_gate_backward)
 
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, *,
@@ -116,23 +116,20 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
     chosen = select_backend("qk_norm_rope", backend, device, reasons)
     if chosen == "reference":
         return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps)
-    q_out, k_out, _, _ = torch.ops.hypenet.qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, float(eps))
+    q_out, k_out, _, _ = _qk_norm_rope_fwd_op(q, k, q_weight, k_weight, cos, sin, float(eps))
     return q_out, k_out
 
 
-@torch.library.custom_op("hypenet::qk_norm_rope_fwd", mutates_args=())
 def _qk_norm_rope_fwd(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return load_kernel_module(NORM_MODULE).qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps)
 
 
-@_qk_norm_rope_fwd.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps):
+def _qk_norm_rope_fwd_fake(q, k, q_weight, k_weight, cos, sin, eps):
     return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape[:-1], dtype=torch.float32),
             k.new_empty(k.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("hypenet::qk_norm_rope_bwd", mutates_args=())
 def _qk_norm_rope_bwd(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
                       q_rstd: Tensor, k_rstd: Tensor, dq_out: Tensor,
                       dk_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -140,9 +137,11 @@ def _qk_norm_rope_bwd(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, 
                                                             dq_out, dk_out)
 
 
-@_qk_norm_rope_bwd.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, dq_out, dk_out):
+def _qk_norm_rope_bwd_fake(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, dq_out, dk_out):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+_qk_norm_rope_bwd_op = kernel_op("hypenet::qk_norm_rope_bwd", _qk_norm_rope_bwd, _qk_norm_rope_bwd_fake)
 
 
 def _qk_norm_rope_setup(ctx, inputs, output):
@@ -154,9 +153,10 @@ def _qk_norm_rope_backward(ctx, dq_out, dk_out, dq_rstd, dk_rstd):
     q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
     dq_out = torch.zeros_like(q) if dq_out is None else dq_out.contiguous()
     dk_out = torch.zeros_like(k) if dk_out is None else dk_out.contiguous()
-    dq, dk, dq_weight, dk_weight = torch.ops.hypenet.qk_norm_rope_bwd(q, k, q_weight, k_weight, cos, sin, q_rstd,
-                                                                      k_rstd, dq_out, dk_out)
+    dq, dk, dq_weight, dk_weight = _qk_norm_rope_bwd_op(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, dq_out,
+                                                        dk_out)
     return dq, dk, dq_weight, dk_weight, None, None, None
 
 
-_qk_norm_rope_fwd.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
+_qk_norm_rope_fwd_op = kernel_op("hypenet::qk_norm_rope_fwd", _qk_norm_rope_fwd, _qk_norm_rope_fwd_fake,
+                                 setup_context=_qk_norm_rope_setup, backward=_qk_norm_rope_backward)

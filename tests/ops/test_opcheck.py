@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hypenet import ops
 from hypenet.ops.dispatch import cuda_kernel_reason
 from tests.strategies import log_decays, randn
 
@@ -67,3 +68,21 @@ def test_opcheck_cuda_step():
     if reason is not None:
         pytest.skip(reason)
     torch.library.opcheck(op, args)
+
+
+def test_compiled_kernel_ops_match_eager(triton_dev):
+    """torch.compile(fullgraph=True) around the kernel ops gives the eager values and gradients."""
+    dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
+    q, k, v = (randn((1, 20, 2, 64), dtype, triton_dev, s, 0.5).requires_grad_() for s in range(3))
+    g = log_decays(2, 1.0, 0).to(triton_dev)
+
+    def loss(q, k, v):
+        o, state = ops.lightning_attn(q, k, v, g, output_final_state=True, backend="triton")
+        y = ops.hype_attn(o, k, v, alpha=500.0, backend="triton")
+        return y.float().square().sum() + state.sum()
+
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    traced = torch.autograd.grad(compiled_loss(q, k, v), (q, k, v))
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b)
