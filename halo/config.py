@@ -107,9 +107,9 @@ class HaloConfig:
 
     @property
     def tokenizer_dir(self) -> Path:
-        if self.tokenizer is None or self.tokenizer == BUILTIN_TEACHER_NAME:
-            return self.teacher_dir if self.tokenizer is None else BUILTIN_TEACHER_DIR
-        return Path(self.tokenizer)
+        if self.tokenizer is None:
+            return self.teacher_dir
+        return BUILTIN_TEACHER_DIR if self.tokenizer == BUILTIN_TEACHER_NAME else Path(self.tokenizer)
 
     @property
     def eval_base_length(self) -> int:

@@ -124,7 +124,7 @@ PASSKEY_DIGITS = 5
 @dataclass
 class PasskeyExample:
     input_ids: torch.Tensor  # [length] int64
-    answer_positions: torch.Tensor  # [PASSKEY_DIGITS..] positions of the answer tokens in input_ids
+    answer_positions: torch.Tensor  # positions of the scored answer tokens (the digits) in input_ids
 
 
 class PasskeyBuilder:
@@ -143,11 +143,18 @@ class PasskeyBuilder:
         self.needle_tail = encode(". Remember it.")
         self.question = encode("\nWhat is the pass key? The pass key is")
         self.answer_tail = encode(".")
-        self._digit_cache: dict[str, list[int]] = {}
+        self._digit_cache: dict[str, tuple[list[int], int]] = {}
 
-    def _number_ids(self, number: str) -> list[int]:
+    def _number_ids(self, number: str) -> tuple[list[int], int]:
+        """Token ids of " <number>" and how many of them (at the end) spell the digits.
+
+        A tokenizer may give the leading space a token of its own; that token is trivially
+        predictable after "is", so it is not scored.
+        """
         if number not in self._digit_cache:
-            self._digit_cache[number] = self._encode(" " + number)
+            with_space, digits = self._encode(" " + number), self._encode(number)
+            scored = len(digits) if with_space[len(with_space) - len(digits):] == digits else len(with_space)
+            self._digit_cache[number] = (with_space, scored)
         return self._digit_cache[number]
 
     def fixed_length(self, number_length: int) -> int:
@@ -157,7 +164,7 @@ class PasskeyBuilder:
     def build(self, length: int, filler: torch.Tensor, generator: torch.Generator) -> PasskeyExample:
         """One sequence of exactly ``length`` tokens; filler spans are drawn from ``filler`` [num_tokens]."""
         digits = torch.randint(0, 10, (PASSKEY_DIGITS,), generator=generator)
-        number_ids = self._number_ids("".join(str(int(d)) for d in digits))
+        number_ids, scored = self._number_ids("".join(str(int(d)) for d in digits))
         filler_len = length - self.fixed_length(len(number_ids))
         if filler_len < 0:
             raise ValueError(
@@ -171,7 +178,7 @@ class PasskeyBuilder:
         depth = int(torch.randint(0, filler_len + 1, (1,), generator=generator))
         head = self.intro + hay[:depth] + self.needle_head + number_ids + self.needle_tail + hay[depth:] + self.question
         ids = head + number_ids + self.answer_tail
-        answer_positions = torch.arange(len(head), len(head) + len(number_ids))
+        answer_positions = torch.arange(len(head) + len(number_ids) - scored, len(head) + len(number_ids))
         return PasskeyExample(torch.tensor(ids, dtype=torch.long), answer_positions)
 
 
@@ -222,9 +229,10 @@ class PackedBatches:
         batch = self.rows[indices].clone()
         if self.passkey_fraction > 0:
             generator = torch.Generator().manual_seed(self.seed * 7_919 + step + 1)
-            replace = torch.rand(self.global_batch, generator=generator) < self.passkey_fraction
-            for row in torch.nonzero(replace).flatten().tolist():
-                batch[row] = self.passkey.build(self.seq_len, self.filler, generator).input_ids
+            draws = torch.rand(self.global_batch, generator=generator).tolist()
+            for row, draw in enumerate(draws):
+                if draw < self.passkey_fraction:
+                    batch[row] = self.passkey.build(self.seq_len, self.filler, generator).input_ids
         return batch
 
     def local_rows(self, step: int, rank: int, world_size: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as torch_dist
 
 from .data import PackedBatches
+from .plots import loss_plot
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +83,12 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (the method name differs across transformers versions)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def barrier(dist: DistInfo) -> None:
     if dist.enabled:
         torch_dist.barrier()
@@ -136,29 +143,6 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def save_loss_plot(records: list[dict], path: Path, title: str) -> str:
-    """Loss vs step as a PNG; returns a message (matplotlib is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return f"matplotlib is not installed; skipped {path.name}"
-    steps = [r["step"] for r in records if "loss" in r]
-    losses = [r["loss"] for r in records if "loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"wrote {path}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,5 +327,5 @@ class Trainer:
         barrier(self.dist)
         records = read_log(self.log_path)
         if self.dist.is_main and records:
-            save_loss_plot(records, self.out_dir / "loss.png", f"{self.name} loss")
+            loss_plot(records, self.out_dir / "loss.png", f"{self.name} loss")
         return TrainResult(records=records, step=self.step, finished=self.step >= self.cfg.steps)
