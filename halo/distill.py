@@ -52,11 +52,17 @@ def run_distill(runtime: Runtime, mixer_types: list[str], candidates: torch.nn.M
     if runtime.dist.enabled:  # o_gate is new: start every rank from rank 0's values
         for tensor in student.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
-    out = runtime.stage_dir("distill")
-    trainer = Trainer(name="distill", module=student,
-                      loss_fn=DistillationLoss(runtime.teacher(), student, runtime.config.loss_chunk_size),
-                      batches=runtime.train_batches(cfg), cfg=cfg, out_dir=out, dist=runtime.dist,
-                      device=runtime.device, amp_dtype=runtime.amp_dtype, progress=runtime.progress)
+    loss_fn = DistillationLoss(runtime.teacher(), student, runtime.config.loss_chunk_size)
+    return train_student(runtime, "distill", student, loss_fn, cfg)
+
+
+def train_student(runtime: Runtime, stage: str, student, loss_fn, cfg) -> dict:
+    """Train the student of `stage` (stage 2 or 3) with `loss_fn`, save it as an HF checkpoint once finished, and
+    summarise the run."""
+    out = runtime.stage_dir(stage)
+    trainer = Trainer(name=stage, module=student, loss_fn=loss_fn, batches=runtime.train_batches(cfg), cfg=cfg,
+                      out_dir=out, dist=runtime.dist, device=runtime.device, amp_dtype=runtime.amp_dtype,
+                      progress=runtime.progress)
     result = trainer.fit()
     if result.finished and runtime.dist.is_main:
         student.save_pretrained(out / STUDENT_DIR, safe_serialization=True)

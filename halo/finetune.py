@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from . import evals
-from .distill import STUDENT_DIR
+from .distill import STUDENT_DIR, train_student
 from .losses import fused_linear_cross_entropy
 from .runtime import Runtime
-from .train import Trainer, enable_activation_checkpointing
+from .train import enable_activation_checkpointing
 
 
 def load_student(runtime: Runtime, stage: str):
@@ -44,14 +44,4 @@ def run_finetune(runtime: Runtime) -> dict:
     student.config.attn_logits_scaling = None
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
-    out = runtime.stage_dir("finetune")
-    trainer = Trainer(name="finetune", module=student, loss_fn=NextTokenLoss(student, runtime.config.loss_chunk_size),
-                      batches=runtime.train_batches(cfg), cfg=cfg, out_dir=out, dist=runtime.dist,
-                      device=runtime.device, amp_dtype=runtime.amp_dtype, progress=runtime.progress)
-    result = trainer.fit()
-    if result.finished and runtime.dist.is_main:
-        student.save_pretrained(out / STUDENT_DIR, safe_serialization=True)
-        runtime.tokenizer().save_pretrained(out / STUDENT_DIR)
-    return {"steps": result.step, "finished": result.finished,
-            "first_loss": result.records[0]["loss"] if result.records else None,
-            "final_loss": result.records[-1]["loss"] if result.records else None}
+    return train_student(runtime, "finetune", student, NextTokenLoss(student, runtime.config.loss_chunk_size), cfg)
