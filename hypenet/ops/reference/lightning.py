@@ -22,14 +22,6 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _sequences(B: int, cu_seqlens: Optional[Tensor]) -> list[tuple[int, int, int]]:
-    """(row of the batch, start, end) of every sequence: the rows of the batch, or the packed pieces of row 0."""
-    if cu_seqlens is None:
-        return [(b, 0, -1) for b in range(B)]
-    bounds = cu_seqlens.tolist()
-    return [(0, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
-
-
 def _chunked_one_sequence(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float, state: Tensor,
                           chunk: int) -> tuple[Tensor, Tensor]:
     """Exact chunked form for one sequence. q, k [T, H, K]; v [T, H, V]; state [H, K, V]. Returns o [T, H, V], state."""
@@ -81,17 +73,22 @@ def _run(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_
     scale = K ** -0.5 if scale is None else scale
     dtype = compute_dtype(q)
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    if cu_seqlens is None:
+        # Rows of a batch are independent sequences of equal length: run them as B*H heads of one sequence.
+        fold = lambda x: x.transpose(0, 1).reshape(T, B * H, x.shape[-1])  # noqa: E731 - (T, B*H, D)
+        state = (initial_state.to(dtype).reshape(B * H, K, V) if initial_state is not None
+                 else qf.new_zeros(B * H, K, V))
+        o, state = form(fold(qf), fold(kf), fold(vf), log_decay.repeat(B), scale, state)
+        final_state = state.view(B, H, K, V) if output_final_state else None
+        return o.view(T, B, H, V).transpose(0, 1).to(q.dtype), final_state
     outputs, states = [], []
-    for n, (row, start, end) in enumerate(_sequences(B, cu_seqlens)):
-        end = T if end < 0 else end
-        state = (initial_state[n].to(dtype) if initial_state is not None
-                 else qf.new_zeros(H, K, V))
-        o, state = form(qf[row, start:end], kf[row, start:end], vf[row, start:end], log_decay, scale, state)
+    for n, (start, end) in enumerate(zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:])):
+        state = initial_state[n].to(dtype) if initial_state is not None else qf.new_zeros(H, K, V)
+        o, state = form(qf[0, start:end], kf[0, start:end], vf[0, start:end], log_decay, scale, state)
         outputs.append(o)
         states.append(state)
-    o = torch.cat(outputs).view(1, T, H, V) if cu_seqlens is not None else torch.stack(outputs)
     final_state = torch.stack(states) if output_final_state else None  # float32 (float64 for the oracle)
-    return o.to(q.dtype), final_state
+    return torch.cat(outputs).view(1, T, H, V).to(q.dtype), final_state
 
 
 def lightning_attn_ref(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: Optional[float] = None,
