@@ -26,16 +26,12 @@ def format_scaling(alpha: float) -> str:
 
 
 def set_logits_scaling(model, value) -> None:
-    """Switch the attention-logit scaling of a loaded HypeNet model in place (config and every HyPE layer)."""
+    """Switch the attention-logit scaling of a loaded HypeNet model in place: the HyPE layers read it from the
+    model's config at every call."""
     from hypenet.config import parse_attn_logits_scaling
-    from hypenet.layers.hype_attention import HypeAttention
 
-    alpha, multiplier = parse_attn_logits_scaling(value)
+    parse_attn_logits_scaling(value)  # raises on a malformed value before anything changes
     model.config.attn_logits_scaling = value
-    for module in model.modules():
-        if isinstance(module, HypeAttention):
-            module.alpha = alpha
-            module.scale = multiplier * module.head_dim ** -0.5
 
 
 def write_scaling_to_config(checkpoint_dir, value) -> None:

@@ -2,8 +2,8 @@
 
 Every HALO stage runs with small step counts on the shipped Python-documentation corpus (30% of
 training rows are passkey sequences, as for the teacher), then the report compares teacher and
-student: per-stage losses, the layer-importance table, held-out LM loss, and passkey retrieval at
-1x..16x the training length (256 tokens). Report and plots land in the output folder.
+student: per-stage losses, the layer-importance table, and held-out LM loss and passkey retrieval
+at 1x..16x the training length (256 tokens). Report and plots land in the output folder.
 """
 
 from __future__ import annotations

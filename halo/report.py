@@ -1,6 +1,6 @@
-"""The final report of a HALO run: teacher vs student on held-out text and passkey retrieval at
+"""The final report of a HALO run: teacher vs student on held-out LM loss and passkey retrieval at
 1x..16x the training length, next to the per-stage losses and the layer-importance table.
-Written as report.json, report.md and passkey.png in the output folder."""
+Written as report.json, report.md, lm_loss_by_length.png and passkey.png in the output folder."""
 
 from __future__ import annotations
 
