@@ -33,6 +33,15 @@ def _check_hidden_and_weight(hidden: torch.Tensor, weight: torch.Tensor, name: s
         )
 
 
+def _scaled_saved_grads(ctx, grad_loss):
+    """The gradients computed in the forward chunk loop, scaled by the incoming gradient over the token count."""
+    grad_hidden, grad_weight, count = ctx.saved_tensors
+    scale = grad_loss / count
+    hidden_dtype, weight_dtype = ctx.dtypes
+    return ((grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None,
+            (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean next-token cross entropy of softmax(hidden @ weight.T) over tokens whose label is not ignored."""
 
@@ -71,12 +80,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_loss / count
-        hidden_dtype, weight_dtype = ctx.dtypes
-        out_hidden = (grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None
-        out_weight = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
-        return out_hidden, out_weight, None, None
+        return (*_scaled_saved_grads(ctx, grad_loss), None, None)
 
 
 class _FusedLinearKL(torch.autograd.Function):
@@ -121,12 +125,7 @@ class _FusedLinearKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_loss / count
-        hidden_dtype, weight_dtype = ctx.dtypes
-        out_hidden = (grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None
-        out_weight = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
-        return out_hidden, out_weight, None, None, None, None, None
+        return (*_scaled_saved_grads(ctx, grad_loss), None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(
