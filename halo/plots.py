@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _save(plt, fig, ax, title: str, path: Path) -> str:
+    """Title, light grid, tight layout, PNG at 100 dpi; closes the figure."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -25,12 +35,7 @@ def loss_plot(records: list[dict], path: Path, title: str) -> str:
     ax.plot([r["step"] for r in records], [r["loss"] for r in records])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"wrote {path}"
+    return _save(plt, fig, ax, title, path)
 
 
 def layer_importance_plot(importance: list[float], attention_layers: list[int], path: Path, title: str) -> str:
@@ -86,9 +91,4 @@ def alpha_plot(losses: dict[float, float], path: Path, title: str) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("HyPE a")
     ax.set_ylabel("held-out LM loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"wrote {path}"
+    return _save(plt, fig, ax, title, path)
