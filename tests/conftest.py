@@ -24,10 +24,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() or t.is_complex():
-        return t.fill_(float("nan"))
-    if t.dtype != torch.bool and t.numel():
-        return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 255)
+    # no_grad: torch.empty(..., requires_grad=True) makes a leaf, which autograd forbids filling in place.
+    with torch.no_grad():
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool and t.numel():
+            t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 255)
     return t
 
 

@@ -93,9 +93,12 @@ def test_gpu_cuda_graph_decode_step_equals_eager():
     assert caches[1].lengths.tolist() == [200, 200]
 
 
-def test_gpu_compiled_decode_step_matches_eager():
+def test_gpu_compiled_decode_step_matches_the_reference(monkeypatch):
+    # Inductor fuses the bf16 glue around the kernels and so rounds differently from eager: both are held to the
+    # fp32 reference rather than to each other.
     model = gpu_model(seed=3)
     ids = torch.randint(1, 61, (1, 64), device="cuda")
+    expected = reference_logits(model, ids, monkeypatch)[:, 60:]
     caches = [HypeNetCache(model.config, 1, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     step = torch.compile(model)
     with torch.no_grad():
@@ -103,4 +106,5 @@ def test_gpu_compiled_decode_step_matches_eager():
             model(ids[:, :60], past_key_values=cache)
         eager = torch.cat([model(ids[:, t:t + 1], past_key_values=caches[0]).logits for t in range(60, 64)], 1)
         compiled = torch.cat([step(ids[:, t:t + 1], past_key_values=caches[1]).logits for t in range(60, 64)], 1)
-    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    assert relative_error(eager, expected) < BF16_TOLERANCE
+    assert relative_error(compiled, expected) < BF16_TOLERANCE
