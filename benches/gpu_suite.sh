@@ -3,7 +3,7 @@
 #     bash benches/gpu_suite.sh
 # 1. installs the wheels carried in .whl/ (packages the machine lacks: nvidia-cutlass, fla-core, einops),
 # 2. builds the CUDA extension (editable install),
-# 3. runs the test suite on the GPU (HYPOTHESIS_PROFILE=gpu),
+# 3. runs the test suite on the GPU (HYPOTHESIS_PROFILE=gpu), test files in parallel processes,
 # 4. runs compute-sanitizer memcheck and racecheck over every CUDA kernel at odd shapes,
 # 5. runs every benchmark module in benches/ops,
 # and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
@@ -11,7 +11,9 @@
 # benches.json (all benchmark rows), summary.txt (what is printed last).
 #
 # Knobs (environment), for narrower runs:
-#   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests)
+#   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests); every test file runs as its own pytest process
+#   SUITE_TEST_JOBS=8                  test files run at a time
+#   SUITE_HYPOTHESIS_PROFILE=gpu       examples per property: gpu (40) or cpu (8)
 #   SUITE_BENCH_OPS="op1 op2"          benchmark modules (default: every file in benches/ops)
 #   SUITE_QUICK=1                      benchmarks with --quick, racecheck on fewer cases
 #   SUITE_SKIP="build tests sanitize bench"  parts to leave out
@@ -83,10 +85,27 @@ print(cuda_ext.build_info())
 assert cuda_ext.cuda_ext_error() is None, cuda_ext.cuda_ext_error()"
 fi
 
-if ! skipped tests; then
+# One pytest process per test file, SUITE_TEST_JOBS at a time: the Triton tests spend most of their time compiling
+# kernels for the shapes Hypothesis draws, which is CPU work that parallel processes spread over the host's cores.
+run_test_files() {
+  local files
   # shellcheck disable=SC2086  (SUITE_TESTS is a list of paths)
-  part "tests (gpu profile)" "${SUITE_TIMEOUT_TESTS:-1800}" env HYPOTHESIS_PROFILE=gpu \
-    python3 -m pytest -x -q -p no:cacheprovider -rs --durations=10 ${SUITE_TESTS:-tests}
+  files=$(find ${SUITE_TESTS:-tests} -name 'test_*.py' | sort)
+  mkdir -p "$WORK/tests"
+  echo "$files" | xargs -P "${SUITE_TEST_JOBS:-8}" -I{} sh -c \
+    'log="$1/$(echo "$2" | tr / _).log"; python3 -m pytest -q -p no:cacheprovider -rs --durations=5 "$2" > "$log" 2>&1
+     echo "exit $? $2" >> "$log"' _ "$WORK/tests" {}
+  cat "$WORK"/tests/*.log
+  echo "# per file:"
+  grep -h "^exit " "$WORK"/tests/*.log
+  ! grep -q "^exit [1-9]" "$WORK"/tests/*.log
+}
+
+if ! skipped tests; then
+  export -f run_test_files
+  export WORK SUITE_TESTS SUITE_TEST_JOBS
+  profile=${SUITE_HYPOTHESIS_PROFILE:-gpu}
+  part "tests ($profile profile)" "${SUITE_TIMEOUT_TESTS:-1800}" env HYPOTHESIS_PROFILE="$profile" bash -c run_test_files
 fi
 
 if ! skipped sanitize; then
