@@ -53,13 +53,15 @@ def hypenet_config(layers: int) -> HypeNetConfig:
     return HypeNetConfig.hypenet_2b(num_hidden_layers=layers, mixer_types=mixer_layout(layers, attn))
 
 
-def qwen3_config(layers: int):
-    """Qwen3-1.7B's shape (the HypeNet-2B teacher) with `layers` layers and SDPA attention."""
+def qwen3_config(layers: int, **overrides):
+    """Qwen3-1.7B's shape (the HypeNet-2B teacher) with `layers` layers and SDPA attention; `overrides` replace
+    any field."""
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
-                       max_position_embeddings=1_048_576 * 2, tie_word_embeddings=True)
+    fields = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+                  max_position_embeddings=1_048_576 * 2, tie_word_embeddings=True)
+    return Qwen3Config(**{**fields, **overrides})
 
 
 def build(name: str, layers: int, device: torch.device) -> torch.nn.Module:
@@ -214,10 +216,14 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def format_rows(rows: list[dict]) -> str:
-    columns = [("model", "{}"), ("context", "{}"), ("prefill_ms", "{:.1f}"), ("prefill_tok_per_s", "{:.0f}"),
-               ("decode_ms", "{:.2f}"), ("decode_graph_ms", "{:.2f}"), ("decode_floor_ms", "{:.2f}"),
-               ("peak_gib", "{:.1f}"), ("status", "{}")]
+COLUMNS = [("model", "{}"), ("context", "{}"), ("prefill_ms", "{:.1f}"), ("prefill_tok_per_s", "{:.0f}"),
+           ("decode_ms", "{:.2f}"), ("decode_graph_ms", "{:.2f}"), ("decode_floor_ms", "{:.2f}"),
+           ("peak_gib", "{:.1f}"), ("status", "{}")]
+
+
+def format_rows(rows: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> str:
+    """Aligned text table of `rows`, one (key, format) per column, empty cells where a row lacks the key; the
+    header line alone for no rows (the benchmarks print it first, then each row as it is measured)."""
     lines = [[key for key, _ in columns]]
     for r in rows:
         lines.append([fmt.format(r[key]) if r.get(key) is not None else "" for key, fmt in columns])

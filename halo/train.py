@@ -249,7 +249,9 @@ class Trainer:
             values /= self.dist.world_size
         return values
 
-    def _train_step(self) -> dict:
+    def train_step(self) -> dict:
+        """One optimizer step on the rows of step ``self.step`` (all micro batches, clipping, AdamW, schedule);
+        returns its log record. No logging or checkpointing: ``fit`` adds those."""
         rows = self.batches.local_rows(self.step, self.dist.rank, self.dist.world_size).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -306,7 +308,7 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.step
         try:
             while self.step < stop_at:
-                record = self._train_step()
+                record = self.train_step()
                 elapsed = time.perf_counter() - start_time
                 record["tokens"] = self.step * tokens_per_step
                 record["tokens_per_s"] = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
