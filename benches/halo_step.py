@@ -21,6 +21,13 @@ states, the fused KL forward + backward from stored hidden states, and clipping 
 An out-of-memory failure is recorded as "OOM" and larger batches are skipped. Results go to DIR/halo_step.json
 (DIR/halo_step_checkpointing.json with --checkpointing; DIR defaults to benches/results, and $OUT gets a copy);
 every measurement rewrites the JSON. Timings are reported, never asserted.
+
+Several GPUs: `torchrun --standalone --nproc_per_node G -m benches.halo_step ...` runs the same step data-parallel
+as `halo distill` does under torchrun (every rank holds the models and --batches rows per step, the gradients are
+averaged by the Trainer's all-reduce), so a row's global batch is G times its micro batch. tokens/s counts every
+rank's tokens; MFU is per GPU. Rank 0 prints and writes DIR/halo_step_<G>gpu[_checkpointing].json. A failure on one rank ends the
+whole run (torchrun stops the other ranks) instead of being recorded as a row, since the other ranks would wait
+for it in the all-reduce.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from halo.data import PackedBatches
 from halo.distill import DistillationLoss
 from halo.evals import final_hidden, output_weight
 from halo.losses import fused_linear_kl
-from halo.train import DistInfo, Trainer, autocast_dtype, enable_activation_checkpointing
+from halo.train import (DistInfo, Trainer, autocast_dtype, enable_activation_checkpointing, init_distributed,
+                        resolve_device)
 from hypenet.convert import convert_qwen3
 
 # Qwen3 fields of the smoke-run models (the student takes its widths from the teacher, as HALO's does).
@@ -121,15 +129,18 @@ def datasheet_peak_tflops(device_name: str) -> Optional[float]:
     return None
 
 
-def distill_trainer(student, teacher, batch: int, args, device: torch.device,
-                    amp_dtype: Optional[torch.dtype]) -> Trainer:
-    """HALO's stage-2 Trainer (the paper's distill settings, `batch` rows per step) over random token rows."""
-    cfg = dataclasses.replace(HaloConfig().distill, seq_len=args.ctx, global_batch=batch, micro_batch=batch,
+def distill_trainer(student, teacher, batch: int, args, device: torch.device, amp_dtype: Optional[torch.dtype],
+                    dist: DistInfo) -> Trainer:
+    """HALO's stage-2 Trainer (the paper's distill settings, `batch` rows per step and rank) over random token
+    rows."""
+    global_batch = batch * dist.world_size
+    cfg = dataclasses.replace(HaloConfig().distill, seq_len=args.ctx, global_batch=global_batch, micro_batch=batch,
                               gradient_checkpointing=args.checkpointing)
-    rows = torch.randint(0, teacher.config.vocab_size, (batch, args.ctx))
+    rows = torch.randint(0, teacher.config.vocab_size, (global_batch, args.ctx))
     loss_fn = DistillationLoss(teacher, student, args.loss_chunk_size)
-    return Trainer(name="distill", module=student, loss_fn=loss_fn, batches=PackedBatches(rows, batch, seed=0),
-                   cfg=cfg, out_dir=args.out, dist=DistInfo(), device=device, amp_dtype=amp_dtype, progress=False)
+    return Trainer(name="distill", module=student, loss_fn=loss_fn,
+                   batches=PackedBatches(rows, global_batch, seed=0), cfg=cfg, out_dir=args.out, dist=dist,
+                   device=device, amp_dtype=amp_dtype, progress=False)
 
 
 def mean_ms(fn: Callable[[], object], calls: int, device: torch.device) -> float:
@@ -147,7 +158,7 @@ def breakdown_ms(trainer: Trainer, calls: int) -> dict[str, float]:
     the fused KL forward + backward from stored hidden states of both models; clipping + the AdamW step."""
     loss_fn, device = trainer.loss_fn, trainer.device
     teacher, student = loss_fn.teacher, loss_fn.student
-    rows = trainer.batches.local_rows(0, 0, 1).to(device)
+    rows = trainer.batches.local_rows(0, trainer.dist.rank, trainer.dist.world_size).to(device)
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=trainer.amp_dtype or torch.float32,
@@ -196,10 +207,11 @@ def out_of_memory(err: Exception) -> bool:
 
 
 def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype: Optional[torch.dtype],
-            peak_tflops: Optional[float]) -> dict:
-    """One row: the mean step time over args.steps after args.warmup steps, rates, MFU, peak memory, status."""
+            peak_tflops: Optional[float], dist: DistInfo) -> dict:
+    """One row: the mean step time over args.steps after args.warmup steps, rates, MFU, peak memory, status.
+    Under torchrun `batch` rows run on every rank; the FLOPs, MFU and peak memory are one GPU's."""
     flops = step_flops(student, teacher, batch, args.ctx)
-    row = {"batch": batch, "ctx": args.ctx, "checkpointing": args.checkpointing,
+    row = {"batch": batch, "ctx": args.ctx, "gpus": dist.world_size, "checkpointing": args.checkpointing,
            "model_tflops_per_step": flops / 1e12, "status": "ok"}
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -207,7 +219,7 @@ def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype:
     trainer = None
     stage = "setup"
     try:
-        trainer = distill_trainer(student, teacher, batch, args, device, amp_dtype)
+        trainer = distill_trainer(student, teacher, batch, args, device, amp_dtype, dist)
         stage = "warm-up"
         # Trainer.train_step: the step of Trainer.fit without its logging and checkpointing (a checkpoint of the 2B
         # student is ~20 GB).
@@ -215,7 +227,7 @@ def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype:
             trainer.train_step()
         stage = "timed steps"
         ms = mean_ms(trainer.train_step, args.steps, device)
-        row.update(ms_per_step=ms, tokens_per_s=batch * args.ctx / (ms * 1e-3),
+        row.update(ms_per_step=ms, tokens_per_s=dist.world_size * batch * args.ctx / (ms * 1e-3),
                    model_tflops_per_s=flops / (ms * 1e-3) / 1e12)
         row["mfu"] = row["model_tflops_per_s"] / peak_tflops if peak_tflops else None
         if args.breakdown:
@@ -223,6 +235,8 @@ def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype:
             parts = breakdown_ms(trainer, args.steps)
             row.update(parts, rest_ms=ms - sum(parts.values()))
     except Exception as err:  # noqa: BLE001 - one failed batch size must not lose the rest of the sweep
+        if dist.enabled:
+            raise
         if out_of_memory(err):
             row["status"] = f"OOM during {stage}"
         else:
@@ -279,10 +293,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("benches.halo_step needs a CUDA device (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
+    dist = init_distributed(args.device)
+    device = resolve_device(args.device, dist)
     shapes = args.shapes or ("real" if device.type == "cuda" else "tiny")
     peak_tflops = args.peak_tflops
     if peak_tflops is None and device.type == "cuda":
@@ -297,9 +312,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
 
     description = device_description()
-    title = (f"HALO stage-2 step, HypeNet-2B student + Qwen3-1.7B teacher ({args.layers} layers, {shapes} widths), "
-             f"ctx {args.ctx}, checkpointing {'on' if args.checkpointing else 'off'} - {description}")
-    print(f"# {title}", flush=True)
+    ranks = f", {dist.world_size} ranks" if dist.enabled else ""
+    title = (f"HALO stage-2 step, HypeNet-2B student + Qwen3-1.7B teacher ({args.layers} layers, {shapes} widths"
+             f"{ranks}), ctx {args.ctx}, checkpointing {'on' if args.checkpointing else 'off'} - {description}")
+    say = print if dist.is_main else (lambda *_, **__: None)  # one report per run, from rank 0
+    say(f"# {title}", flush=True)
     student, teacher = build_models(args.layers, shapes, device, amp_dtype)
     if args.checkpointing:
         enable_activation_checkpointing(student)
@@ -309,18 +326,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "teacher_matmul_parameters": matmul_parameters(teacher),
                   "student_parameters": sum(p.numel() for p in student.parameters())}
     mfu_basis = f"MFU over {peak_tflops:g} TFLOP/s" if peak_tflops else "no MFU (no peak on a CPU)"
-    print("# " + ", ".join(f"{key} {value:.4g}" for key, value in flops_info.items()) + f"; {mfu_basis}",
+    say("# " + ", ".join(f"{key} {value:.4g}" for key, value in flops_info.items()) + f"; {mfu_basis}",
           flush=True)
-    print(format_rows([], COLUMNS), flush=True)
+    say(format_rows([], COLUMNS), flush=True)
 
-    name = "halo_step_checkpointing.json" if args.checkpointing else "halo_step.json"
+    name = "halo_step" + (f"_{dist.world_size}gpu" if dist.enabled else "") \
+        + ("_checkpointing" if args.checkpointing else "") + ".json"
     targets = [args.out]
     if os.environ.get("OUT"):
         targets.append(Path(os.environ["OUT"]))
     rows: list[dict] = []
 
     def save() -> None:
-        payload = {"device": description, "layers": args.layers, "shapes": shapes, "ctx": args.ctx,
+        if not dist.is_main:
+            return
+        payload = {"device": description, "gpus": dist.world_size, "layers": args.layers, "shapes": shapes, "ctx": args.ctx,
                    "steps": args.steps, "warmup": args.warmup, "checkpointing": args.checkpointing,
                    "loss_chunk_size": args.loss_chunk_size, "autocast": str(amp_dtype), "peak_tflops": peak_tflops,
                    "measured_bf16_matmul_tflops": measured_peak("bf16_tflops"), **flops_info, "rows": rows}
@@ -334,17 +354,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append({"batch": batch, "ctx": args.ctx, "checkpointing": args.checkpointing,
                          "status": f"OOM (skipped: OOM at batch {failed})"})
         else:
-            rows.append(measure(student, teacher, batch, args, device, amp_dtype, peak_tflops))
+            rows.append(measure(student, teacher, batch, args, device, amp_dtype, peak_tflops, dist))
             if rows[-1]["status"].startswith("OOM"):
                 failed = batch
-        print(format_rows(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+        say(format_rows(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         save()
 
-    print(format_rows(rows, COLUMNS))
+    say(format_rows(rows, COLUMNS))
     if args.breakdown:
-        print(format_rows(rows, BREAKDOWN_COLUMNS))
+        say(format_rows(rows, BREAKDOWN_COLUMNS))
     for target in dict.fromkeys(targets):
-        print(f"# wrote {target / name}")
+        say(f"# wrote {target / name}")
     return 1 if any(row["status"].startswith("error") for row in rows) else 0
 
 

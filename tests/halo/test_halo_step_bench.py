@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +71,19 @@ def test_cpu_smoke_run_writes_finite_rows(tmp_path, monkeypatch):
         assert row["model_tflops_per_step"] * 1e12 == pytest.approx(row["batch"] * ctx * per_token)
         for key in ("teacher_fwd_ms", "student_fwd_bwd_ms", "kl_fwd_bwd_ms", "optimizer_ms"):
             assert math.isfinite(row[key]) and row[key] > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX process model")
+def test_two_ranks_under_torchrun_report_both_ranks_tokens(tmp_path):
+    ctx, batch = 16, 2
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "benches.halo_step", "--device", "cpu", "--layers", "2", "--ctx", str(ctx), "--batches",
+                    str(batch), "--steps", "1", "--warmup", "1", "--out", str(tmp_path)],
+                   check=True, env=env, cwd=os.getcwd(), timeout=300)
+    result = json.loads((tmp_path / "halo_step_2gpu.json").read_text())
+    assert result["gpus"] == 2 and not (tmp_path / "halo_step.json").exists()
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["gpus"] == 2
+    assert row["tokens_per_s"] == pytest.approx(2 * batch * ctx / (row["ms_per_step"] * 1e-3))
