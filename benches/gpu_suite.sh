@@ -6,6 +6,7 @@
 # 3. runs the test suite on the GPU (HYPOTHESIS_PROFILE=gpu), test files in parallel processes,
 # 4. runs compute-sanitizer memcheck and racecheck over every CUDA kernel at odd shapes,
 # 5. runs every benchmark module in benches/ops,
+# 6. runs the model benchmark (benches.model) and the HALO stage-2 step benchmark (benches.halo_step),
 # and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
 # any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output),
 # benches.json (all benchmark rows), summary.txt (what is printed last).
@@ -16,8 +17,10 @@
 #   SUITE_HYPOTHESIS_PROFILE=gpu       examples per property: gpu (40) or cpu (8)
 #   SUITE_BENCH_OPS="op1 op2"          benchmark modules (default: every file in benches/ops)
 #   SUITE_QUICK=1                      benchmarks with --quick, racecheck on fewer cases
-#   SUITE_SKIP="build tests sanitize bench"  parts to leave out
-#   SUITE_TIMEOUT_<PART>=seconds       per-part limit (BUILD 900, TESTS 1800, SANITIZE 600, BENCH 900 per op)
+#   SUITE_SKIP="build tests sanitize bench model halo_step"  parts to leave out
+#   SUITE_MODEL_ARGS / SUITE_HALO_STEP_ARGS  arguments of the two model-level benchmarks
+#   SUITE_TIMEOUT_<PART>=seconds       per-part limit (BUILD 900, TESTS 1800, SANITIZE 600, BENCH 900 per op,
+#                                      MODEL 900, HALO_STEP 600)
 #   SUITE_CC / SUITE_CXX               host compilers of the build (default: the system GCC, see below)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -127,6 +130,17 @@ if ! skipped bench; then
     part "bench $op" "${SUITE_TIMEOUT_BENCH:-900}" env -u OUT python3 -m benches.run --op "$op" \
       --json "$WORK/bench_$op.json" ${SUITE_QUICK:+--quick}
   done
+fi
+
+# Whole-model benchmarks (their own JSON and PNG files in $RESULTS).
+if ! skipped model; then
+  part "bench model" "${SUITE_TIMEOUT_MODEL:-900}" env -u OUT python3 -m benches.model --out "$RESULTS" \
+    ${SUITE_MODEL_ARGS:---contexts 32768,131072,262144,524288,1048576 --decode-steps 8}
+fi
+if ! skipped halo_step; then
+  # shellcheck disable=SC2086  (SUITE_HALO_STEP_ARGS is a list of arguments)
+  part "bench halo_step" "${SUITE_TIMEOUT_HALO_STEP:-600}" env -u OUT python3 -m benches.halo_step --out "$RESULTS" \
+    ${SUITE_HALO_STEP_ARGS:---batches 4,8,16 --breakdown}
 fi
 
 python3 - "$WORK" "$RESULTS/benches.json" > "$WORK/tables.txt" 2>&1 <<'EOF'
