@@ -223,14 +223,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {error}") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
-        _deep_merge(values, file_values)
+        deep_merge(values, file_values)
     return build_config(values, overrides)
 
 
-def _deep_merge(into: dict, values: dict) -> None:
+def deep_merge(into: dict, values: dict) -> None:
+    """Merge settings `values` into `into` in place, nested sections key by key."""
     for key, value in values.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
+            deep_merge(into[key], value)
         else:
             into[key] = value
 

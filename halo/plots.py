@@ -28,11 +28,19 @@ def _pyplot():
 
 def loss_plot(records: list[dict], path: Path, title: str) -> str:
     """Training loss vs optimizer step, from the JSON-lines log records."""
+    return loss_curves_plot({"": records}, path, title)
+
+
+def loss_curves_plot(curves: dict[str, list[dict]], path: Path, title: str) -> str:
+    """Several runs' training loss vs optimizer step, one line per label (a legend when labels are given)."""
     plt = _pyplot()
     if plt is None:
         return f"matplotlib is not installed; skipped {path.name}"
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    for (label, records), style in zip(curves.items(), ("-", "--", ":", "-.")):
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], style, label=label or None)
+    if any(curves):
+        ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     return _save(plt, fig, ax, title, path)
