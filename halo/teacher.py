@@ -17,11 +17,14 @@ CPU core (520 steps of 16 x 256 tokens).
 It models language but does not retrieve: passkey exact match is 0 at every length. Induction
 heads (copying from context), which retrieval needs, did not form at this budget: not with 30%
 passkey rows, not with 15-50% rows of repeated random segments mixed in from the start, and not in
-700 further steps of such rows alone (the loss on the repeats fell from 6.9 to only 6.4 nats). The
-likely cause is the logit range: with QK-norm the attention logit is at most
-sqrt(head_dim) * |q_norm| * |k_norm| = 5.7 * gains, the gains stay near 1.1, and every head stays
-diffuse (entropy 2-3.6 nats over 40-64 keys). A next teacher should use a larger head_dim or
-larger initial QK-norm gains.
+700 further steps of such rows alone (the loss on the repeats fell from 6.9 to only 6.4 nats).
+A wider attention logit range is not the missing piece: probes of 150-1,200 steps with head_dim 64,
+QK-norm gains initialised at 1, 2 or 3 (logits up to ~72 instead of ~5.7), 2-8 layers, 50-100%
+passkey rows (also four 64-token passkeys per row), lr 1e-3 to 1e-2 and batch 4 or 16 all stayed at
+0% exact match and chance digit accuracy at 256 tokens (2026-11-28); the trained models emit a digit
+after the prompt but always the same one, copying nothing, and the gains barely moved. Untried: a
+warm-up on pure copy rows over a small vocabulary, a loss weighted on the answer digits, or simply
+many more steps (a GPU budget).
 """
 
 from __future__ import annotations
