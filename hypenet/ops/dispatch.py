@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("cuda", "triton", "reference")
 BACKEND_ENV = "HYPENET_BACKEND"
@@ -103,12 +104,36 @@ def cuda_kernel_reason(op: str, device: torch.device, *args) -> Optional[str]:
     return module.cuda_unsupported_reason(op, *args)
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _needs_registered_op(args: tuple, differentiable: bool) -> bool:
+    """Whether a call must go through the registered custom op: while torch.compile or another tracer is at work
+    (a compiling frame, an active dispatch mode, fake or functional tensor subclasses), or when autograd has to
+    record it."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
+        return True
+    return differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def kernel_op(qualname: str, impl: Callable, fake: Callable, *, mutates_args: tuple[str, ...] = (),
-              setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
-    """Register `impl` as the torch.library custom op `qualname`, with its fake (shapes for tracing) and, when
-    given, its autograd; returns the op."""
+              setup_context: Optional[Callable] = None, backward: Optional[Callable] = None) -> Callable:
+    """Register `impl` as the torch.library custom op `qualname` (torch.ops.<qualname>), with its fake (shapes for
+    tracing) and, when given, its autograd. Returns the function the public ops call: the registered op while
+    tracing or when autograd records the call, `impl` itself otherwise (an eager call that needs neither, such as
+    every decode step, so skips the ~30 us of dispatcher and Python custom-op plumbing the op adds per call)."""
     op = torch.library.custom_op(qualname, mutates_args=mutates_args)(impl)
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
-    return op
+    differentiable = backward is not None
+
+    def call(*args):
+        if _needs_registered_op(args, differentiable):
+            return op(*args)
+        return impl(*args)
+
+    return call

@@ -86,3 +86,26 @@ def test_compiled_kernel_ops_match_eager(triton_dev):
     traced = torch.autograd.grad(compiled_loss(q, k, v), (q, k, v))
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b)
+
+
+def _registered_op_ran(fn, name: str) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(event.name == f"hypenet::{name}" for event in prof.events())
+
+
+def test_eager_calls_bypass_the_registered_op_unless_autograd_records_them(triton_dev):
+    dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
+    x, z = randn((1, 5, 128), dtype, triton_dev, 0), randn((1, 5, 128), dtype, triton_dev, 1)
+    w = torch.nn.Parameter(randn((128,), dtype, triton_dev, 2))
+
+    def call():
+        return ops.rmsnorm_gate(x, z, w, backend="triton")
+
+    with torch.no_grad():
+        assert not _registered_op_ran(call, "rmsnorm_gate_fwd")
+        expected = call()
+    assert _registered_op_ran(call, "rmsnorm_gate_fwd")  # w requires grad: autograd records the op
+    y = call()
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
