@@ -67,7 +67,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss_sum += ((log_normalizer - target_logit) * chunk_valid).sum()
                 if want_grad_hidden or want_grad_weight:
                     # d(sum of token losses)/d(logits) = softmax - onehot(target), zero on ignored rows.
-                    grad_logits = torch.exp(logits - log_normalizer[:, None])
+                    grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # in place: logits are done
                     grad_logits[torch.arange(end - start, device=logits.device), targets] -= 1.0
                     grad_logits *= chunk_valid[:, None]
                     if want_grad_hidden:
@@ -107,14 +107,17 @@ class _FusedLinearKL(torch.autograd.Function):
                     teacher_chunk_logits = teacher_logits[start:end].float()
                 else:
                     teacher_chunk_logits = teacher_hidden[start:end].float() @ teacher_weight32.T
+                # In place where a [n, vocab] buffer is dead after the step: every pass over one of them is as
+                # long as the chunk matmuls' output, so fewer passes and buffers is what makes this loss fast.
                 teacher_log_probs = torch.log_softmax(teacher_chunk_logits, dim=-1)
                 teacher_probs = teacher_log_probs.exp()
                 chunk_mask = mask[start:end]
-                token_kl = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(-1)
+                log_ratio = teacher_log_probs.sub_(student_log_probs)
+                token_kl = torch.linalg.vecdot(teacher_probs, log_ratio)
                 kl_sum += (token_kl * chunk_mask).sum()
                 if want_grad_hidden or want_grad_weight:
                     # d KL / d student logits = softmax(student) - p_teacher (rows sum to one).
-                    grad_logits = (student_log_probs.exp() - teacher_probs) * chunk_mask[:, None]
+                    grad_logits = student_log_probs.exp_().sub_(teacher_probs).mul_(chunk_mask[:, None])
                     if want_grad_hidden:
                         grad_hidden[start:end] = grad_logits @ student_weight32
                     if want_grad_weight:
