@@ -51,8 +51,8 @@ from halo.data import PackedBatches
 from halo.distill import DistillationLoss
 from halo.evals import final_hidden, output_weight
 from halo.losses import fused_linear_kl
-from halo.train import (DistInfo, Trainer, autocast_dtype, enable_activation_checkpointing, init_distributed,
-                        resolve_device)
+from halo.train import (DistInfo, Trainer, autocast_context, autocast_dtype, enable_activation_checkpointing,
+                        init_distributed, resolve_device)
 from hypenet.convert import convert_qwen3
 
 # Qwen3 fields of the smoke-run models (the student takes its widths from the teacher, as HALO's does).
@@ -160,27 +160,23 @@ def breakdown_ms(trainer: Trainer, calls: int) -> dict[str, float]:
     teacher, student = loss_fn.teacher, loss_fn.student
     rows = trainer.batches.local_rows(0, trainer.dist.rank, trainer.dist.world_size).to(device)
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=trainer.amp_dtype or torch.float32,
-                              enabled=trainer.amp_dtype is not None)
-
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast_context(device, trainer.amp_dtype):
         teacher_hidden = final_hidden(teacher, rows).flatten(0, 1)
         student_hidden = final_hidden(student, rows)
     hidden_grad = torch.randn_like(student_hidden)
     kl_student_hidden = student_hidden.flatten(0, 1).detach().requires_grad_()
 
     def teacher_forward() -> None:
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast_context(device, trainer.amp_dtype):
             final_hidden(teacher, rows)
 
     def student_forward_backward() -> None:
-        with autocast():
+        with autocast_context(device, trainer.amp_dtype):
             hidden = final_hidden(student, rows)
         hidden.backward(hidden_grad)
 
     def fused_kl() -> None:
-        with autocast():
+        with autocast_context(device, trainer.amp_dtype):
             loss = fused_linear_kl(kl_student_hidden, output_weight(student), teacher_hidden=teacher_hidden,
                                    teacher_weight=output_weight(teacher), chunk_size=loss_fn.chunk_size)
         loss.backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 
@@ -37,7 +38,7 @@ def loss_curves_plot(curves: dict[str, list[dict]], path: Path, title: str) -> s
     if plt is None:
         return f"matplotlib is not installed; skipped {path.name}"
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for (label, records), style in zip(curves.items(), ("-", "--", ":", "-.")):
+    for (label, records), style in zip(curves.items(), itertools.cycle(("-", "--", ":", "-."))):
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], style, label=label or None)
     if any(curves):
         ax.legend()

@@ -3,7 +3,6 @@ stage folders and their completion markers."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -15,7 +14,7 @@ import torch
 
 from .config import HaloConfig, StageConfig
 from .data import CorpusSplits, PackedBatches, PasskeyBuilder, load_corpus_splits, pack_rows
-from .train import DistInfo, autocast_dtype, barrier, init_distributed, resolve_device
+from .train import DistInfo, autocast_context, autocast_dtype, barrier, init_distributed, resolve_device
 
 STAGES = ("align", "select", "distill", "finetune", "export", "alpha")
 
@@ -80,9 +79,7 @@ class Runtime:
 
     # -- precision -------------------------------------------------------------------------------
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     # -- data ------------------------------------------------------------------------------------
     def tokenizer(self):

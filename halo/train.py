@@ -13,6 +13,7 @@ fed by hooks of a frozen teacher), and it is what DDP computes, minus the overla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,13 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
+    """Autocast to ``amp_dtype`` on ``device``, or no autocast when it is None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -260,8 +268,7 @@ class Trainer:
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
         metric_totals: dict[str, float] = {}
         for micro in rows.split(self.cfg.micro_batch):
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast_context(self.device, self.amp_dtype):
                 loss, metrics = self.loss_fn(micro)
             (loss / self.accumulation).backward()
             loss_total += loss.detach().float() / self.accumulation
