@@ -1,7 +1,7 @@
 """HALO stage-2 (distillation) training step: throughput and MFU, HypeNet-2B student with a frozen Qwen3-1.7B teacher.
 
     python -m benches.halo_step [--batches 4,8,16] [--ctx 512] [--steps 10] [--warmup 3] [--layers N]
-                                [--checkpointing] [--breakdown] [--loss-chunk-size 1024] [--peak-tflops X]
+                                [--checkpointing] [--breakdown] [--profile] [--loss-chunk-size 1024] [--peak-tflops X]
                                 [--out DIR] [--device cuda|cpu] [--shapes real|tiny]
 
 Random weights, on the current CUDA device (--device cpu: a smoke run of the script with tiny widths, wall-clock
@@ -18,6 +18,7 @@ back to back between CUDA events: ms per step, tokens/s (batch * ctx per step), 
 peak of the card (989 TFLOP/s for H100 SXM and H200; --peak-tflops for other cards). --breakdown also times the
 parts of a step alone: teacher forward, student forward + backward from a fixed gradient on its final hidden
 states, the fused KL forward + backward from stored hidden states, and clipping + the AdamW step.
+--profile writes a torch.profiler table of one step per batch size (DIR/halo_step_profile_b<batch>.txt).
 An out-of-memory failure is recorded as "OOM" and larger batches are skipped. Results go to DIR/halo_step.json
 (DIR/halo_step_checkpointing.json with --checkpointing; DIR defaults to benches/results, and $OUT gets a copy);
 every measurement rewrites the JSON. Timings are reported, never asserted.
@@ -196,6 +197,25 @@ def breakdown_ms(trainer: Trainer, calls: int) -> dict[str, float]:
     return result
 
 
+def write_profile(trainer: Trainer, directory: Path, name: str, rows: int = 60) -> None:
+    """torch.profiler over one optimizer step: the operators and kernels that took the most device (or, on a CPU,
+    host) time, as a table in DIR/name (and $OUT/name)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_gpu = trainer.device.type == "cuda"
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        trainer.train_step()
+        if on_gpu:
+            torch.cuda.synchronize(trainer.device)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)
+    targets = [directory] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for target in dict.fromkeys(targets):
+        target.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text(table + "\n")
+
+
 def out_of_memory(err: Exception) -> bool:
     """Whether `err` is a GPU allocation failure: torch's OutOfMemoryError, or cuBLAS failing to allocate its
     workspace (a RuntimeError naming CUBLAS_STATUS_ALLOC_FAILED)."""
@@ -230,6 +250,9 @@ def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype:
             stage = "breakdown"
             parts = breakdown_ms(trainer, args.steps)
             row.update(parts, rest_ms=ms - sum(parts.values()))
+        if args.profile and dist.is_main:
+            stage = "profile"
+            write_profile(trainer, args.out, f"halo_step_profile_b{batch}.txt")
     except Exception as err:  # noqa: BLE001 - one failed batch size must not lose the rest of the sweep
         if dist.enabled:
             raise
@@ -275,6 +298,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--layers", type=positive_int, default=28, help="layers of both models (28 = real shapes)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the student")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step alone")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write a torch.profiler table of one step: DIR/halo_step_profile_b<batch>.txt")
     parser.add_argument("--loss-chunk-size", type=positive_int, default=HaloConfig().loss_chunk_size,
                         help="tokens per chunk of the fused KL")
     parser.add_argument("--peak-tflops", type=float, default=None,
