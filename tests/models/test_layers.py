@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hypenet.layers import HypeAttention, LightningAttention, alibi_slopes
+from hypenet.layers import HypeAttention, HypeNetRMSNorm, LightningAttention, alibi_slopes
 from tests.models.tiny import perturb_norms, tiny_config
 
 F64 = torch.float64
@@ -36,6 +36,42 @@ def test_alibi_slopes_reject_bad_head_counts(bad):
 
 def _rms(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rmsnorm_float32_path_matches_qwen3_forward_and_gradients(device):
+    # fp32 input and weight take torch's fused rms_norm; it must compute Qwen3's function and its gradients.
+    torch.manual_seed(0)
+    norm = HypeNetRMSNorm(96, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 7, 96, device=device) * 4).requires_grad_()
+    grad_out = torch.randn(3, 7, 96, device=device)
+    out = norm(x)
+    gx, gw = torch.autograd.grad(out, (x, norm.weight), grad_out)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    ref = _rms(x64, w64, 1e-6)
+    rx, rw = torch.autograd.grad(ref, (x64, w64), grad_out.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rmsnorm_bf16_input_rounds_like_qwen3(device):
+    # bf16 input: normalised in fp32, rounded to bf16, then times the weight (Qwen3's two roundings).
+    torch.manual_seed(1)
+    norm = HypeNetRMSNorm(64).to(device)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 64, device=device).to(torch.bfloat16)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
 
 
 def _rope(x, positions, theta):
