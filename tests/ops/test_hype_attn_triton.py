@@ -285,6 +285,32 @@ def test_public_ops_run_the_triton_kernels():
     _assert_matches({"o": o}, {"o": lowp}, {"o": truth}, dcase.dtype)
 
 
+@pytest.mark.parametrize("fwd_config, dkdv_config, dq_config", [
+    ((64, 32, 4, 2), (32, 64, 4, 2), (32, 64, 4, 2)),
+    ((32, 64, 4, 1), (64, 32, 4, 1), (64, 16, 4, 1)),
+])
+def test_kernel_configs_other_than_the_tables_match_reference(fwd_config, dkdv_config, dq_config):
+    # The block sizes a tuning sweep (benches.hype_attn_tune) passes in: partial blocks on both sides, causal.
+    case = Case(B=1, T=45, S=70, Hq=2, Hkv=1, D=64, dtype=EXACT_DTYPE, alpha=500.0, scale=None, causal=True,
+                strided=False, lengths_q=None, lengths_k=None, seed=7)
+    x = _make_inputs(case, triton_device())
+    o, lse = fwd.hype_attn_fwd(x["q"], x["k"], x["v"], case.alpha, config=fwd_config)
+    dq, dk, dv = bwd.hype_attn_bwd(x["q"], x["k"], x["v"], o, lse, x["do"], case.alpha,
+                                   dkdv_config=dkdv_config, dq_config=dq_config)
+    _assert_matches({"o": o, "dq": dq, "dk": dk, "dv": dv}, _reference(x, case, False), _reference(x, case, True),
+                    case.dtype)
+
+
+@pytest.mark.parametrize("config", [(48, 64, 4, 2), (64, 64, 3, 2), (64, 64, 4, 0), [64, 64, 4, 2], (64, 64, 4)])
+def test_bad_kernel_configs_are_named(config):
+    q = torch.zeros(1, 4, 2, 64, dtype=EXACT_DTYPE, device=triton_device())
+    with pytest.raises(ValueError, match="config must be"):
+        fwd.hype_attn_fwd(q, q, q, config=config)
+    o, lse = fwd.hype_attn_fwd(q, q, q)
+    with pytest.raises(ValueError, match="dq_config must be"):
+        bwd.hype_attn_bwd(q, q, q, o, lse, q, dq_config=config)
+
+
 def test_unsupported_inputs_are_named():
     device = triton_device()
     q = torch.zeros(1, 4, 2, 96, dtype=torch.float16, device=device)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import (LN2, LOG2E, block_schedule, dot_precision, hype_row_factor, hype_row_factors, load_rows,
-                  locate_tile, row_descriptor, search_steps, use_tma)
+from .fwd import (LN2, LOG2E, block_schedule, dot_precision, hype_row_factor, hype_row_factors, kernel_config,
+                  load_rows, locate_tile, row_descriptor, search_steps, use_tma)
 from .fwd import unsupported_reason as fwd_unsupported_reason
 
 # Per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dk/dv kernel (BLOCK_N keys held, BLOCK_M
@@ -302,13 +302,18 @@ def hype_attn_bwd_kernel_dq(
 def hype_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                   do: torch.Tensor, alpha: Optional[float] = None, scale: Optional[float] = None,
                   causal: bool = True, cu_seqlens_q: Optional[torch.Tensor] = None,
-                  cu_seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  cu_seqlens_k: Optional[torch.Tensor] = None, *,
+                  dkdv_config: Optional[tuple[int, int, int, int]] = None,
+                  dq_config: Optional[tuple[int, int, int, int]] = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HyPE attention backward.
 
     Args:
         q, k, v, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k: as given to `hype_attn_fwd`.
         o (Tensor): [B, T, Hq, D] forward output; lse (Tensor): [B, Hq, T] float32 from `hype_attn_fwd`.
         do (Tensor): [B, T, Hq, D] gradient of o, last dim contiguous.
+        dkdv_config, dq_config: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the two kernels instead of
+            DKDV_CONFIGS[D] / DQ_CONFIGS[D] (tuning sweeps).
     Returns:
         (dq [B, T, Hq, D], dk [B, S, Hkv, D], dv [B, S, Hkv, D]) in the dtypes of q, k, v.
     """
@@ -333,7 +338,7 @@ def hype_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     common = dict(USE_HYPE=alpha is not None, CAUSAL=bool(causal), VARLEN=varlen, USE_TMA=tma,
                   DOT_PRECISION=dot_precision(q.dtype))
 
-    BLOCK_M, BLOCK_N, num_warps, num_stages = DKDV_CONFIGS[D]
+    BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dkdv_config, DKDV_CONFIGS[D], "dkdv_config")
     if tma:
         q_src, do_src = row_descriptor(q, BLOCK_M), row_descriptor(do, BLOCK_M)
         k_src, v_src = row_descriptor(k, BLOCK_N), row_descriptor(v, BLOCK_N)
@@ -354,7 +359,7 @@ def hype_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
         HQ=HQ, HKV=HKV, GROUP=HQ // HKV, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **common,
         num_warps=num_warps, num_stages=num_stages)
 
-    BLOCK_M, BLOCK_N, num_warps, num_stages = DQ_CONFIGS[D]
+    BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dq_config, DQ_CONFIGS[D], "dq_config")
     if tma:
         q_src, do_src = row_descriptor(q, BLOCK_M), row_descriptor(do, BLOCK_M)
         k_src, v_src = row_descriptor(k, BLOCK_N), row_descriptor(v, BLOCK_N)

@@ -263,9 +263,25 @@ def hype_attn_fwd_kernel_main(
     tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
 
 
+def kernel_config(config: Optional[tuple[int, int, int, int]], default: tuple[int, int, int, int],
+                  name: str) -> tuple[int, int, int, int]:
+    """`config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) checked, or `default` when None. For tuning sweeps
+    (benches.hype_attn_tune); the tuned tables of this package are what the op uses."""
+    if config is None:
+        return default
+    ok = (isinstance(config, tuple) and len(config) == 4 and all(isinstance(x, int) for x in config)
+          and all(x in (16, 32, 64, 128, 256) for x in config[:2]) and config[2] in (1, 2, 4, 8, 16)
+          and 1 <= config[3] <= 8)
+    if not ok:
+        raise ValueError(f"{name} must be (BLOCK_M, BLOCK_N, num_warps, num_stages) with blocks powers of two in "
+                         f"16..256, num_warps in 1..16 (a power of two) and 1..8 stages, got {config!r}")
+    return config
+
+
 def hype_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: Optional[float] = None,
                   scale: Optional[float] = None, causal: bool = True, cu_seqlens_q: Optional[torch.Tensor] = None,
-                  cu_seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  cu_seqlens_k: Optional[torch.Tensor] = None, *,
+                  config: Optional[tuple[int, int, int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """HyPE attention forward.
 
     Args:
@@ -277,6 +293,7 @@ def hype_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: Opti
         causal (bool): mask keys j > t.
         cu_seqlens_q, cu_seqlens_k (Tensor): [N + 1] int offsets of N packed sequences (B == 1), each with
             T_n <= S_n, or None.
+        config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of FWD_CONFIGS[D] (tuning sweeps).
     Returns:
         o [B, T, Hq, D] in q.dtype; lse [B, Hq, T] float32 natural-log log-sum-exp of each row's logits
         (B == 1 and T the packed length for packed sequences).
@@ -287,7 +304,7 @@ def hype_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: Opti
     scale_log2e, alpha_f, inv_log_alpha = hype_row_factors(scale, alpha)
     o = torch.empty_like(q)
     lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = FWD_CONFIGS[D]
+    BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(config, FWD_CONFIGS[D], "config")
     varlen = cu_seqlens_q is not None
     if varlen:
         num_seqs = cu_seqlens_q.shape[0] - 1
