@@ -7,8 +7,16 @@ for the loss and for the exact gradient, and dropped before the next chunk. Peak
 O(chunk_size * vocab) instead of O(N * vocab) per model.
 
 The gradient is computed inside the forward chunk loop (one pass over the logits) and stored;
-backward only scales it by the incoming gradient. Autocast is disabled inside, so the chunk
-matmuls run in float32 whatever the caller's autocast state.
+backward only scales it by the incoming gradient.
+
+Precision: softmax, log-softmax, the loss and every reduction are float32. The chunk matmuls (logits,
+and the two gradient products grad_logits @ weight and grad_logits.T @ hidden) follow the caller's
+autocast: inside a bfloat16 or float16 autocast region their operands (weights cast once per call,
+hidden chunks, the float32 gradient of the logits) are rounded to that dtype and multiplied with
+float32 accumulation into a float32 result. That is what the model's own lm_head does under
+autocast, it takes half the tensor-core time of TF32, and a low-precision teacher weight is used
+as it is instead of being copied to float32. Outside autocast (or under float32 autocast) the
+matmuls are float32.
 """
 
 from __future__ import annotations
@@ -33,6 +41,39 @@ def _check_hidden_and_weight(hidden: torch.Tensor, weight: torch.Tensor, name: s
         )
 
 
+class _ChunkMatmul:
+    """The chunk matmuls of one call, in the precision the caller's autocast asks for.
+
+    Construct it while the caller's autocast state is in effect, before the loss disables autocast for its
+    own float32 work. ``operand`` casts a tensor for use as a matmul operand and calling the object
+    multiplies two operands into a float32 result. With a bfloat16/float16 autocast dtype the operands are
+    rounded to it and their products summed in float32: on CUDA by the ``out_dtype`` matmul overloads
+    (low-precision tensor-core inputs, float32 output), elsewhere, where those overloads have no kernel,
+    by float32 matmuls of the rounded values, which are the same products. Without one, operands and
+    matmuls are float32.
+    """
+
+    def __init__(self, device: torch.device):
+        device_type = device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        self.rounding = autocast_dtype if autocast_dtype in (torch.bfloat16, torch.float16) else None
+        self.dtype = self.rounding if self.rounding is not None and device_type == "cuda" else torch.float32
+
+    def operand(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.rounding is not None:
+            tensor = tensor.to(self.rounding)
+        return tensor.to(self.dtype)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+        """``a @ b`` as float32, or, given the float32 ``accumulate``, that tensor with ``a @ b`` added in place."""
+        if self.dtype == torch.float32:
+            return a @ b if accumulate is None else accumulate.addmm_(a, b)
+        if accumulate is None:
+            return torch.ops.aten.mm.dtype(a, b, torch.float32)
+        # self and out are the accumulator: cuBLAS adds the product into it (beta=1), no [vocab, d] temporary.
+        return torch.ops.aten.addmm.dtype_out(accumulate, a, b, torch.float32, out=accumulate)
+
+
 def _scaled_saved_grads(ctx, grad_loss):
     """The gradients computed in the forward chunk loop, scaled by the incoming gradient over the token count."""
     grad_hidden, grad_weight, count = ctx.saved_tensors
@@ -51,15 +92,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         num_tokens = hidden.shape[0]
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1).to(torch.float32)
+        matmul = _ChunkMatmul(hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            weight32 = weight.float()
+            weight_operand = matmul.operand(weight)
             grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want_grad_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, num_tokens, chunk_size):
                 end = min(start + chunk_size, num_tokens)
-                hidden_chunk = hidden[start:end].float()  # (n, d)
-                logits = hidden_chunk @ weight32.T  # (n, vocab) fp32
+                hidden_chunk = matmul.operand(hidden[start:end])  # (n, d)
+                logits = matmul(hidden_chunk, weight_operand.T)  # (n, vocab) fp32
                 chunk_valid = valid[start:end]
                 targets = labels[start:end].clamp(min=0)
                 log_normalizer = torch.logsumexp(logits, dim=-1)
@@ -70,10 +112,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # in place: logits are done
                     grad_logits[torch.arange(end - start, device=logits.device), targets] -= 1.0
                     grad_logits *= chunk_valid[:, None]
+                    grad_logits = matmul.operand(grad_logits)
                     if want_grad_hidden:
-                        grad_hidden[start:end] = grad_logits @ weight32
+                        grad_hidden[start:end] = matmul(grad_logits, weight_operand)
                     if want_grad_weight:
-                        grad_weight.addmm_(grad_logits.T, hidden_chunk)
+                        matmul(grad_logits.T, hidden_chunk, accumulate=grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss_sum / count
@@ -93,20 +136,21 @@ class _FusedLinearKL(torch.autograd.Function):
         if mask is None:
             mask = torch.ones(num_tokens, dtype=torch.bool, device=student_hidden.device)
         count = mask.sum().clamp(min=1).to(torch.float32)
+        matmul = _ChunkMatmul(student_hidden.device)
         with torch.autocast(device_type=student_hidden.device.type, enabled=False):
-            student_weight32 = student_weight.float()
-            teacher_weight32 = teacher_weight.float() if teacher_weight is not None else None
+            student_weight_operand = matmul.operand(student_weight)
+            teacher_weight_operand = matmul.operand(teacher_weight) if teacher_weight is not None else None
             grad_hidden = torch.empty_like(student_hidden, dtype=torch.float32) if want_grad_hidden else None
             grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if want_grad_weight else None
             kl_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
             for start in range(0, num_tokens, chunk_size):
                 end = min(start + chunk_size, num_tokens)
-                student_chunk = student_hidden[start:end].float()  # (n, d)
-                student_log_probs = torch.log_softmax(student_chunk @ student_weight32.T, dim=-1)  # (n, vocab)
+                student_chunk = matmul.operand(student_hidden[start:end])  # (n, d)
+                student_log_probs = torch.log_softmax(matmul(student_chunk, student_weight_operand.T), dim=-1)
                 if teacher_logits is not None:
                     teacher_chunk_logits = teacher_logits[start:end].float()
                 else:
-                    teacher_chunk_logits = teacher_hidden[start:end].float() @ teacher_weight32.T
+                    teacher_chunk_logits = matmul(matmul.operand(teacher_hidden[start:end]), teacher_weight_operand.T)
                 # In place where a [n, vocab] buffer is dead after the step: every pass over one of them is as
                 # long as the chunk matmuls' output, so fewer passes and buffers is what makes this loss fast.
                 teacher_log_probs = torch.log_softmax(teacher_chunk_logits, dim=-1)
@@ -118,10 +162,11 @@ class _FusedLinearKL(torch.autograd.Function):
                 if want_grad_hidden or want_grad_weight:
                     # d KL / d student logits = softmax(student) - p_teacher (rows sum to one).
                     grad_logits = student_log_probs.exp_().sub_(teacher_probs).mul_(chunk_mask[:, None])
+                    grad_logits = matmul.operand(grad_logits)
                     if want_grad_hidden:
-                        grad_hidden[start:end] = grad_logits @ student_weight32
+                        grad_hidden[start:end] = matmul(grad_logits, student_weight_operand)
                     if want_grad_weight:
-                        grad_weight.addmm_(grad_logits.T, student_chunk)
+                        matmul(grad_logits.T, student_chunk, accumulate=grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
         return kl_sum / count
@@ -140,8 +185,12 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross entropy of ``hidden @ weight.T`` against ``labels``, never holding all logits.
 
+    Under a bfloat16/float16 autocast the logits and gradient matmuls take operands rounded to that dtype
+    and produce float32 (as the lm_head itself would under autocast, at half the tensor-core time of
+    TF32); otherwise they are float32. The softmax, the loss and the gradient of the logits are float32.
+
     Args:
-        hidden: [N, d] final hidden states (any float dtype; used in float32).
+        hidden: [N, d] final hidden states (any float dtype).
         weight: [vocab, d] lm_head weight.
         labels: [N] int64 target ids; ``IGNORE_INDEX`` (-100) rows are skipped.
         chunk_size: tokens per chunk.
@@ -169,6 +218,12 @@ def fused_linear_kl(
 
     Give the teacher either as ``teacher_hidden`` [N, d_t] with ``teacher_weight`` [vocab, d_t]
     (its logits are then computed per chunk too) or as ``teacher_logits`` [N, vocab].
+
+    Under a bfloat16/float16 autocast the student and teacher logits matmuls and the two gradient
+    matmuls take operands rounded to that dtype and produce float32: what both lm_heads do under
+    autocast, at half the tensor-core time of TF32, and a bfloat16 teacher weight is used without a
+    float32 copy. Otherwise they are float32. ``teacher_logits`` are used in float32, and the
+    softmaxes, the KL and the gradient of the student logits are float32 in every case.
 
     Args:
         student_hidden: [N, d] student final hidden states.
