@@ -5,7 +5,8 @@
 Starts from the settings of `halo demo` (halo.demo.DEMO_SETTINGS; --config and key=value override them, e.g.
 device=cuda distill.steps=200). Runs `halo align` and `halo select` once, then `halo distill` twice from that same
 selection, with the same global batch: as one process (DIR/one) and under `torchrun --standalone
---nproc_per_node G` (DIR/ranks), each exactly as a user would run the command. Then compares the per-step losses
+--nproc_per_node G` (DIR/ranks), each exactly as a user would run the command (the ranks run with
+distill.micro_batch = gcd(micro_batch, global_batch / G), so that every rank's share splits into micro batches). Then compares the per-step losses
 of the two runs (largest absolute and relative difference) and their throughput over the second half of the steps
 (so that kernel compilation in the first steps does not count), and writes DIR/halo_ranks.json and
 DIR/halo_ranks.png (both loss curves). On CPUs the ranks talk through gloo, on GPUs through NCCL, one GPU a rank.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from halo.config import deep_merge
+from halo.config import build_config, deep_merge
 from halo.demo import DEMO_SETTINGS
 from halo.plots import loss_curves_plot
 from halo.train import read_log
@@ -93,12 +95,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     config_path.write_text(json.dumps(settings, indent=2) + "\n")
     dirs = {name: args.out / name for name in RUNS}
 
+    # The same global batch on every run: each rank takes global_batch / ranks rows per step, in micro batches that
+    # divide them (the one-process run keeps the configured micro batch).
+    distill = build_config(settings, args.overrides).distill
+    if distill.global_batch % args.ranks:
+        parser.error(f"distill.global_batch={distill.global_batch} must split evenly over --ranks {args.ranks}")
+    rank_micro_batch = math.gcd(distill.micro_batch, distill.global_batch // args.ranks)
+    rank_overrides = [*args.overrides, f"distill.micro_batch={rank_micro_batch}"]
+
     for stage in ("align", "select"):
         run(halo_command(stage, config_path, dirs["one"], args.overrides))
     shutil.rmtree(dirs["ranks"], ignore_errors=True)
     shutil.copytree(dirs["one"], dirs["ranks"], ignore=shutil.ignore_patterns("distill"))
     run(halo_command("distill", config_path, dirs["one"], args.overrides, force=True))
-    run(halo_command("distill", config_path, dirs["ranks"], args.overrides, ranks=args.ranks, force=True))
+    run(halo_command("distill", config_path, dirs["ranks"], rank_overrides, ranks=args.ranks, force=True))
 
     logs = {name: read_log(dirs[name] / "distill" / "log.jsonl") for name in RUNS}
     result = {"ranks": args.ranks, "overrides": args.overrides, **compare(logs["one"], logs["ranks"])}

@@ -34,6 +34,8 @@ def test_compare_refuses_logs_of_different_steps():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX process model")
 def test_two_ranks_reproduce_the_single_process_losses(tmp_path, tiny_settings):
+    # One micro batch of the whole global batch, as the demo settings have: each rank must take half of it.
+    tiny_settings["distill"]["micro_batch"] = tiny_settings["distill"]["global_batch"]
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_settings))
     out = tmp_path / "ranks"
@@ -44,3 +46,11 @@ def test_two_ranks_reproduce_the_single_process_losses(tmp_path, tiny_settings):
     assert result["tokens_per_s_one"] > 0 and result["tokens_per_s_ranks"] > 0
     assert (out / "halo_ranks.png").is_file()
     assert (out / "ranks" / "distill" / "done.json").is_file()
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, tiny_settings, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_settings))
+    with pytest.raises(SystemExit):
+        halo_ranks.main(["--ranks", "3", "--out", str(tmp_path / "ranks"), "--config", str(config)])
+    assert "distill.global_batch=2 must split evenly over --ranks 3" in capsys.readouterr().err
