@@ -1,7 +1,8 @@
 """HALO stage-2 (distillation) training step: throughput and MFU, HypeNet-2B student with a frozen Qwen3-1.7B teacher.
 
     python -m benches.halo_step [--batches 4,8,16] [--ctx 512] [--steps 10] [--warmup 3] [--layers N]
-                                [--checkpointing] [--breakdown] [--profile] [--loss-chunk-size 1024] [--peak-tflops X]
+                                [--accumulation N] [--checkpointing] [--compile] [--breakdown] [--profile]
+                                [--loss-chunk-size 1024] [--peak-tflops X]
                                 [--out DIR] [--device cuda|cpu] [--shapes real|tiny]
 
 Random weights, on the current CUDA device (--device cpu: a smoke run of the script with tiny widths, wall-clock
@@ -11,13 +12,17 @@ timings, no MFU). The models are built as HALO builds them: the teacher is a tra
 --layers N keeps N layers of both, about a quarter attention in the student). For every micro batch size of
 --batches, one HALO stage-2 optimizer step is `halo.train.Trainer`'s step with `halo.distill.DistillationLoss`:
 teacher forward under no_grad, student forward under bf16 autocast, the fused chunked forward KL (both lm_heads,
-float32 logits on TF32 tensor cores), backward, gradient clipping at 1.0, AdamW (0.9, 0.95); accumulation 1 (the
-micro batch is the global batch). --warmup steps (Triton compilation, autotuning, AdamW state), then --steps timed
-back to back between CUDA events: ms per step, tokens/s (batch * ctx per step), the model FLOPs of a step
+bf16 matmuls with float32 logits), backward, gradient clipping at 1.0, AdamW (0.9, 0.95). --accumulation N runs N
+micro batches per optimizer step (the global batch is N times the micro batch; the paper's stage 2 uses 96 rows,
+so 6 micro batches of 16 on one GPU), which spreads the clipping and the AdamW update over N micro batches.
+--compile sets distill.compile (every decoder layer of both models through torch.compile, as `halo distill` does
+with that setting; the warm-up steps then include the compilation). --warmup steps (Triton compilation, autotuning, AdamW state), then --steps timed
+back to back between CUDA events: ms per step, tokens/s (batch * accumulation * ctx per step), the model FLOPs of a step
 (`step_flops`: what the models compute, not recomputation) and MFU = model FLOP/s over the bf16 dense datasheet
 peak of the card (989 TFLOP/s for H100 SXM and H200; --peak-tflops for other cards). --breakdown also times the
 parts of a step alone: teacher forward, student forward + backward from a fixed gradient on its final hidden
-states, the fused KL forward + backward from stored hidden states, and clipping + the AdamW step.
+states, the fused KL forward + backward from stored hidden states (each per micro batch), and clipping + the AdamW
+step (once per step); rest_ms is what the step took beyond accumulation * the first three + the fourth.
 --profile writes a torch.profiler table of one step per batch size (DIR/halo_step_profile_b<batch>.txt).
 An out-of-memory failure is recorded as "OOM" and larger batches are skipped. Results go to DIR/halo_step.json
 (DIR/halo_step_checkpointing.json with --checkpointing; DIR defaults to benches/results, and $OUT gets a copy);
@@ -52,8 +57,8 @@ from halo.data import PackedBatches
 from halo.distill import DistillationLoss
 from halo.evals import final_hidden, output_weight
 from halo.losses import fused_linear_kl
-from halo.train import (DistInfo, Trainer, autocast_context, autocast_dtype, enable_activation_checkpointing,
-                        init_distributed, resolve_device)
+from halo.train import (DistInfo, Trainer, autocast_context, autocast_dtype, compile_decoder_layers,
+                        enable_activation_checkpointing, init_distributed, resolve_device)
 from hypenet.convert import convert_qwen3
 
 # Qwen3 fields of the smoke-run models (the student takes its widths from the teacher, as HALO's does).
@@ -62,7 +67,8 @@ TINY_WIDTHS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_at
 # bf16 dense tensor-core peaks from NVIDIA's datasheets, matched in order against the device name.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
                          ("H200", 989.0))
-COLUMNS = [("batch", "{}"), ("ctx", "{}"), ("ms_per_step", "{:.1f}"), ("tokens_per_s", "{:.0f}"),
+COLUMNS = [("batch", "{}"), ("accumulation", "{}"), ("ctx", "{}"), ("ms_per_step", "{:.1f}"),
+           ("tokens_per_s", "{:.0f}"),
            ("model_tflops_per_step", "{:.2f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"), ("status", "{}")]
 BREAKDOWN_COLUMNS = [("batch", "{}"), ("ms_per_step", "{:.1f}"), ("teacher_fwd_ms", "{:.1f}"),
                      ("student_fwd_bwd_ms", "{:.1f}"), ("kl_fwd_bwd_ms", "{:.1f}"), ("optimizer_ms", "{:.1f}"),
@@ -134,9 +140,9 @@ def distill_trainer(student, teacher, batch: int, args, device: torch.device, am
                     dist: DistInfo) -> Trainer:
     """HALO's stage-2 Trainer (the paper's distill settings, `batch` rows per step and rank) over random token
     rows."""
-    global_batch = batch * dist.world_size
+    global_batch = batch * args.accumulation * dist.world_size
     cfg = dataclasses.replace(HaloConfig().distill, seq_len=args.ctx, global_batch=global_batch, micro_batch=batch,
-                              gradient_checkpointing=args.checkpointing)
+                              gradient_checkpointing=args.checkpointing, compile=args.compile)
     rows = torch.randint(0, teacher.config.vocab_size, (global_batch, args.ctx))
     loss_fn = DistillationLoss(teacher, student, args.loss_chunk_size)
     return Trainer(name="distill", module=student, loss_fn=loss_fn,
@@ -226,8 +232,10 @@ def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype:
             peak_tflops: Optional[float], dist: DistInfo) -> dict:
     """One row: the mean step time over args.steps after args.warmup steps, rates, MFU, peak memory, status.
     Under torchrun `batch` rows run on every rank; the FLOPs, MFU and peak memory are one GPU's."""
-    flops = step_flops(student, teacher, batch, args.ctx)
-    row = {"batch": batch, "ctx": args.ctx, "gpus": dist.world_size, "checkpointing": args.checkpointing,
+    rows_per_step = batch * args.accumulation
+    flops = step_flops(student, teacher, rows_per_step, args.ctx)
+    row = {"batch": batch, "accumulation": args.accumulation, "ctx": args.ctx, "gpus": dist.world_size,
+           "checkpointing": args.checkpointing, "compile": args.compile,
            "model_tflops_per_step": flops / 1e12, "status": "ok"}
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -243,13 +251,14 @@ def measure(student, teacher, batch: int, args, device: torch.device, amp_dtype:
             trainer.train_step()
         stage = "timed steps"
         ms = mean_ms(trainer.train_step, args.steps, device)
-        row.update(ms_per_step=ms, tokens_per_s=dist.world_size * batch * args.ctx / (ms * 1e-3),
+        row.update(ms_per_step=ms, tokens_per_s=dist.world_size * rows_per_step * args.ctx / (ms * 1e-3),
                    model_tflops_per_s=flops / (ms * 1e-3) / 1e12)
         row["mfu"] = row["model_tflops_per_s"] / peak_tflops if peak_tflops else None
         if args.breakdown:
             stage = "breakdown"
             parts = breakdown_ms(trainer, args.steps)
-            row.update(parts, rest_ms=ms - sum(parts.values()))
+            per_micro_batch = parts["teacher_fwd_ms"] + parts["student_fwd_bwd_ms"] + parts["kl_fwd_bwd_ms"]
+            row.update(parts, rest_ms=ms - args.accumulation * per_micro_batch - parts["optimizer_ms"])
         if args.profile and dist.is_main:
             stage = "profile"
             write_profile(trainer, args.out, f"halo_step_profile_b{batch}.txt")
@@ -296,7 +305,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps per batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before them")
     parser.add_argument("--layers", type=positive_int, default=28, help="layers of both models (28 = real shapes)")
+    parser.add_argument("--accumulation", type=positive_int, default=1,
+                        help="micro batches per optimizer step (gradient accumulation)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the student")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder layers of both models (distill.compile)")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step alone")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler table of one step: DIR/halo_step_profile_b<batch>.txt")
@@ -335,12 +348,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     description = device_description()
     ranks = f", {dist.world_size} ranks" if dist.enabled else ""
     title = (f"HALO stage-2 step, HypeNet-2B student + Qwen3-1.7B teacher ({args.layers} layers, {shapes} widths"
-             f"{ranks}), ctx {args.ctx}, checkpointing {'on' if args.checkpointing else 'off'} - {description}")
+             f"{ranks}), ctx {args.ctx}, accumulation {args.accumulation}, checkpointing "
+             f"{'on' if args.checkpointing else 'off'}, compile {'on' if args.compile else 'off'} - {description}")
     say = print if dist.is_main else (lambda *_, **__: None)  # one report per run, from rank 0
     say(f"# {title}", flush=True)
     student, teacher = build_models(args.layers, shapes, device, amp_dtype)
     if args.checkpointing:
         enable_activation_checkpointing(student)
+    if args.compile:
+        compile_decoder_layers(student)
+        compile_decoder_layers(teacher)
     flops_info = {"student_forward_flops_per_token": forward_flops_per_token(student, args.ctx),
                   "teacher_forward_flops_per_token": forward_flops_per_token(teacher, args.ctx),
                   "student_matmul_parameters": matmul_parameters(student),
@@ -362,7 +379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not dist.is_main:
             return
         payload = {"device": description, "gpus": dist.world_size, "layers": args.layers, "shapes": shapes, "ctx": args.ctx,
-                   "steps": args.steps, "warmup": args.warmup, "checkpointing": args.checkpointing,
+                   "steps": args.steps, "warmup": args.warmup, "accumulation": args.accumulation,
+                   "checkpointing": args.checkpointing, "compile": args.compile,
                    "loss_chunk_size": args.loss_chunk_size, "autocast": str(amp_dtype), "peak_tflops": peak_tflops,
                    "measured_bf16_matmul_tflops": measured_peak("bf16_tflops"), **flops_info, "rows": rows}
         for target in dict.fromkeys(targets):
@@ -372,7 +390,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = None
     for batch in args.batches:
         if failed is not None:
-            rows.append({"batch": batch, "ctx": args.ctx, "checkpointing": args.checkpointing,
+            rows.append({"batch": batch, "accumulation": args.accumulation, "ctx": args.ctx,
+                         "checkpointing": args.checkpointing,
                          "status": f"OOM (skipped: OOM at batch {failed})"})
         else:
             rows.append(measure(student, teacher, batch, args, device, amp_dtype, peak_tflops, dist))

@@ -43,6 +43,7 @@ class StageConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the decoder layers of the stage's models (distill, finetune)
     stop_after: int | None = None  # run at most this many steps now; a later call resumes
 
 

@@ -20,7 +20,7 @@ DEFAULT_MAX_TOKENS_PER_FORWARD = 16384
 
 def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     """[b, T, d] hidden states after the final norm (before lm_head)."""
-    return model.model(input_ids=input_ids).last_hidden_state
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def output_weight(model) -> torch.Tensor:

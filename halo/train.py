@@ -97,6 +97,17 @@ def enable_activation_checkpointing(model) -> None:
     enable()
 
 
+def compile_decoder_layers(model) -> None:
+    """torch.compile every decoder layer of ``model`` (a HypeNet or Qwen3 causal LM) in place.
+
+    Eager mode runs the element-wise work between the matmuls and the attention kernels (norms, residual adds,
+    casts, activations, gates) as one pass over memory per operator; Inductor fuses it. Compiling layer by layer
+    rather than the whole model keeps the compile short: layers of one kind share a graph.
+    """
+    for layer in model.model.layers:
+        layer.compile()
+
+
 def barrier(dist: DistInfo) -> None:
     if dist.enabled:
         torch_dist.barrier()

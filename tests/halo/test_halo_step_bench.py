@@ -56,19 +56,20 @@ def test_bad_batches_are_refused_naming_the_argument(capsys):
 
 def test_cpu_smoke_run_writes_finite_rows(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
-    ctx = 16
+    ctx, accumulation = 16, 2
     code = halo_step.main(["--device", "cpu", "--layers", "2", "--ctx", str(ctx), "--batches", "2,1", "--steps", "1",
-                           "--warmup", "1", "--breakdown", "--out", str(tmp_path)])
+                           "--warmup", "1", "--accumulation", str(accumulation), "--breakdown", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "halo_step.json").read_text())
     assert [row["batch"] for row in result["rows"]] == [1, 2]
     per_token = 3 * result["student_forward_flops_per_token"] + result["teacher_forward_flops_per_token"]
     for row in result["rows"]:
         assert row["status"] == "ok"
-        assert row["ctx"] == ctx and row["mfu"] is None
+        assert row["ctx"] == ctx and row["mfu"] is None and row["accumulation"] == accumulation
+        tokens_per_step = row["batch"] * accumulation * ctx
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
-        assert row["tokens_per_s"] == pytest.approx(row["batch"] * ctx / (row["ms_per_step"] * 1e-3))
-        assert row["model_tflops_per_step"] * 1e12 == pytest.approx(row["batch"] * ctx * per_token)
+        assert row["tokens_per_s"] == pytest.approx(tokens_per_step / (row["ms_per_step"] * 1e-3))
+        assert row["model_tflops_per_step"] * 1e12 == pytest.approx(tokens_per_step * per_token)
         for key in ("teacher_fwd_ms", "student_fwd_bwd_ms", "kl_fwd_bwd_ms", "optimizer_ms"):
             assert math.isfinite(row[key]) and row[key] > 0
 

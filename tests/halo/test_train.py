@@ -144,3 +144,26 @@ def test_passkey_answer_tokens_are_the_needle_number(tokenizer):
     assert f"The pass key is {answer}. Remember it." in tokenizer.decode(example.input_ids)
     with pytest.raises(ValueError, match="too short"):
         builder.build(10, filler, torch.Generator())
+
+
+def test_compiled_decoder_layers_give_the_eager_outputs_and_gradients():
+    from hypenet.convert import convert_qwen3
+
+    from halo.evals import final_hidden
+    from halo.train import compile_decoder_layers
+
+    teacher = _model(seed=5, vocab=64).eval()
+    eager = convert_qwen3(teacher, ["lightning-attn", "attn"], dtype=torch.float32).train()
+    compiled = convert_qwen3(teacher, ["lightning-attn", "attn"], dtype=torch.float32).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled_teacher = _model(seed=5, vocab=64).eval()
+    compile_decoder_layers(compiled)
+    compile_decoder_layers(compiled_teacher)
+    input_ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(final_hidden(compiled_teacher, input_ids), final_hidden(teacher, input_ids))
+    for model in (eager, compiled):
+        final_hidden(model, input_ids).square().mean().backward()
+    torch.testing.assert_close(final_hidden(compiled, input_ids), final_hidden(eager, input_ids))
+    for (name, param), compiled_param in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(compiled_param.grad, param.grad, msg=lambda m, name=name: f"{name}: {m}")
