@@ -165,7 +165,8 @@ def breakdown_ms(trainer: Trainer, calls: int) -> dict[str, float]:
     the fused KL forward + backward from stored hidden states of both models; clipping + the AdamW step."""
     loss_fn, device = trainer.loss_fn, trainer.device
     teacher, student = loss_fn.teacher, loss_fn.student
-    rows = trainer.batches.local_rows(0, trainer.dist.rank, trainer.dist.world_size).to(device)
+    rows = trainer.batches.local_rows(0, trainer.dist.rank, trainer.dist.world_size)[: trainer.cfg.micro_batch]
+    rows = rows.to(device)
 
     with torch.no_grad(), autocast_context(device, trainer.amp_dtype):
         teacher_hidden = final_hidden(teacher, rows).flatten(0, 1)

@@ -7,7 +7,10 @@ for the loss and for the exact gradient, and dropped before the next chunk. Peak
 O(chunk_size * vocab) instead of O(N * vocab) per model.
 
 The gradient is computed inside the forward chunk loop (one pass over the logits) and stored;
-backward only scales it by the incoming gradient.
+backward only scales it by the incoming gradient. On CUDA the row-wise part of each chunk (softmaxes, the
+loss of each token, the gradient of the logits) is one Triton kernel (triton_ops.softmax_losses) that reads
+the logits twice and writes the gradient in the matmuls' dtype; the torch ops that compute the same rows
+elsewhere make many more passes over them.
 
 Precision: softmax, log-softmax, the loss and every reduction are float32. The chunk matmuls (logits,
 and the two gradient products grad_logits @ weight and grad_logits.T @ hidden) follow the caller's
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from hypenet.ops.dispatch import load_kernel_module
+
 IGNORE_INDEX = -100
+ROW_KERNELS_MODULE = "triton_ops.softmax_losses"
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -74,6 +80,14 @@ class _ChunkMatmul:
         return torch.ops.aten.addmm.dtype_out(accumulate, a, b, torch.float32, out=accumulate)
 
 
+def _row_kernels(device: torch.device):
+    """triton_ops.softmax_losses on CUDA when Triton imports, else None (the torch ops compute the same rows)."""
+    if device.type != "cuda":
+        return None
+    module = load_kernel_module(ROW_KERNELS_MODULE)
+    return None if isinstance(module, Exception) else module
+
+
 def _scaled_saved_grads(ctx, grad_loss):
     """The gradients computed in the forward chunk loop, scaled by the incoming gradient over the token count."""
     grad_hidden, grad_weight, count = ctx.saved_tensors
@@ -93,6 +107,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1).to(torch.float32)
         matmul = _ChunkMatmul(hidden.device)
+        row_kernels = _row_kernels(hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             weight_operand = matmul.operand(weight)
             grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want_grad_hidden else None
@@ -102,16 +117,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 end = min(start + chunk_size, num_tokens)
                 hidden_chunk = matmul.operand(hidden[start:end])  # (n, d)
                 logits = matmul(hidden_chunk, weight_operand.T)  # (n, vocab) fp32
-                chunk_valid = valid[start:end]
-                targets = labels[start:end].clamp(min=0)
-                log_normalizer = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-                loss_sum += ((log_normalizer - target_logit) * chunk_valid).sum()
-                if want_grad_hidden or want_grad_weight:
+                if row_kernels is not None:
+                    token_losses, grad_logits = row_kernels.ce_rows(logits, labels[start:end], matmul.dtype)
+                    loss_sum += token_losses.sum()
+                else:
+                    chunk_valid = valid[start:end]
+                    targets = labels[start:end].clamp(min=0)
+                    log_normalizer = torch.logsumexp(logits, dim=-1)
+                    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+                    loss_sum += ((log_normalizer - target_logit) * chunk_valid).sum()
                     # d(sum of token losses)/d(logits) = softmax - onehot(target), zero on ignored rows.
                     grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # in place: logits are done
                     grad_logits[torch.arange(end - start, device=logits.device), targets] -= 1.0
                     grad_logits *= chunk_valid[:, None]
+                if want_grad_hidden or want_grad_weight:
                     grad_logits = matmul.operand(grad_logits)
                     if want_grad_hidden:
                         grad_hidden[start:end] = matmul(grad_logits, weight_operand)
@@ -137,6 +156,7 @@ class _FusedLinearKL(torch.autograd.Function):
             mask = torch.ones(num_tokens, dtype=torch.bool, device=student_hidden.device)
         count = mask.sum().clamp(min=1).to(torch.float32)
         matmul = _ChunkMatmul(student_hidden.device)
+        row_kernels = _row_kernels(student_hidden.device)
         with torch.autocast(device_type=student_hidden.device.type, enabled=False):
             student_weight_operand = matmul.operand(student_weight)
             teacher_weight_operand = matmul.operand(teacher_weight) if teacher_weight is not None else None
@@ -146,22 +166,29 @@ class _FusedLinearKL(torch.autograd.Function):
             for start in range(0, num_tokens, chunk_size):
                 end = min(start + chunk_size, num_tokens)
                 student_chunk = matmul.operand(student_hidden[start:end])  # (n, d)
-                student_log_probs = torch.log_softmax(matmul(student_chunk, student_weight_operand.T), dim=-1)
+                student_logits = matmul(student_chunk, student_weight_operand.T)
                 if teacher_logits is not None:
-                    teacher_chunk_logits = teacher_logits[start:end].float()
+                    teacher_chunk_logits = teacher_logits[start:end]
                 else:
                     teacher_chunk_logits = matmul(matmul.operand(teacher_hidden[start:end]), teacher_weight_operand.T)
-                # In place where a [n, vocab] buffer is dead after the step: every pass over one of them is as
-                # long as the chunk matmuls' output, so fewer passes and buffers is what makes this loss fast.
-                teacher_log_probs = torch.log_softmax(teacher_chunk_logits, dim=-1)
-                teacher_probs = teacher_log_probs.exp()
                 chunk_mask = mask[start:end]
-                log_ratio = teacher_log_probs.sub_(student_log_probs)
-                token_kl = torch.linalg.vecdot(teacher_probs, log_ratio)
-                kl_sum += (token_kl * chunk_mask).sum()
-                if want_grad_hidden or want_grad_weight:
+                if row_kernels is not None:
+                    if teacher_chunk_logits.dtype not in row_kernels.TEACHER_DTYPES:
+                        teacher_chunk_logits = teacher_chunk_logits.float()
+                    token_kl, grad_logits = row_kernels.kl_rows(student_logits, teacher_chunk_logits.contiguous(),
+                                                                chunk_mask, matmul.dtype)
+                else:
+                    # In place where a [n, vocab] buffer is dead after the step: every pass over one of them is as
+                    # long as the chunk matmuls' output, so fewer passes and buffers is what makes this loss fast.
+                    student_log_probs = torch.log_softmax(student_logits, dim=-1)
+                    teacher_log_probs = torch.log_softmax(teacher_chunk_logits.float(), dim=-1)
+                    teacher_probs = teacher_log_probs.exp()
+                    log_ratio = teacher_log_probs.sub_(student_log_probs)
+                    token_kl = torch.linalg.vecdot(teacher_probs, log_ratio)
                     # d KL / d student logits = softmax(student) - p_teacher (rows sum to one).
                     grad_logits = student_log_probs.exp_().sub_(teacher_probs).mul_(chunk_mask[:, None])
+                kl_sum += torch.where(chunk_mask, token_kl, 0.0).sum()
+                if want_grad_hidden or want_grad_weight:
                     grad_logits = matmul.operand(grad_logits)
                     if want_grad_hidden:
                         grad_hidden[start:end] = matmul(grad_logits, student_weight_operand)

@@ -63,6 +63,7 @@ KERNEL_MODULES = (
     "triton_ops.hype_attention.bwd",
     "triton_ops.hype_attention.decode",
     "triton_ops.norm",
+    "triton_ops.softmax_losses",
 )
 
 
