@@ -15,8 +15,8 @@ teacher forward under no_grad, student forward under bf16 autocast, the fused ch
 bf16 matmuls with float32 logits), backward, gradient clipping at 1.0, AdamW (0.9, 0.95). --accumulation N runs N
 micro batches per optimizer step (the global batch is N times the micro batch; the paper's stage 2 uses 96 rows,
 so 6 micro batches of 16 on one GPU), which spreads the clipping and the AdamW update over N micro batches.
---compile sets distill.compile (every decoder layer of both models through torch.compile, as `halo distill` does
-with that setting; the warm-up steps then include the compilation). --warmup steps (Triton compilation, autotuning, AdamW state), then --steps timed
+--compile puts every decoder layer of both models through torch.compile, as `halo distill` does on CUDA by default
+(distill.compile); without it the step runs eagerly. The warm-up steps include the compilation. --warmup steps (Triton compilation, autotuning, AdamW state), then --steps timed
 back to back between CUDA events: ms per step, tokens/s (batch * accumulation * ctx per step), the model FLOPs of a step
 (`step_flops`: what the models compute, not recomputation) and MFU = model FLOP/s over the bf16 dense datasheet
 peak of the card (989 TFLOP/s for H100 SXM and H200; --peak-tflops for other cards). --breakdown also times the
@@ -310,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="micro batches per optimizer step (gradient accumulation)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the student")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decoder layers of both models (distill.compile)")
+                        help="torch.compile the decoder layers of both models (halo distill's default on CUDA)")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step alone")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler table of one step: DIR/halo_step_profile_b<batch>.txt")

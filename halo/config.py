@@ -43,7 +43,8 @@ class StageConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the decoder layers of the stage's models (distill, finetune)
+    # torch.compile the decoder layers of the stage's models (distill, finetune); None: on CUDA devices only
+    compile: bool | None = None
     stop_after: int | None = None  # run at most this many steps now; a later call resumes
 
 

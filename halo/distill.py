@@ -15,7 +15,7 @@ import torch
 from . import evals
 from .losses import fused_linear_kl
 from .runtime import Runtime
-from .train import Trainer, compile_decoder_layers, enable_activation_checkpointing
+from .train import Trainer, compile_decoder_layers, compile_enabled, enable_activation_checkpointing
 
 STUDENT_DIR = "student"
 
@@ -49,7 +49,7 @@ def run_distill(runtime: Runtime, mixer_types: list[str], candidates: torch.nn.M
     student = build_student(runtime, mixer_types, candidates)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
-    if cfg.compile:
+    if compile_enabled(cfg.compile, runtime.device):
         compile_decoder_layers(student)
         compile_decoder_layers(runtime.teacher())
     if runtime.dist.enabled:  # o_gate is new: start every rank from rank 0's values

@@ -13,7 +13,7 @@ from . import evals
 from .distill import STUDENT_DIR, train_student
 from .losses import fused_linear_cross_entropy
 from .runtime import Runtime
-from .train import compile_decoder_layers, enable_activation_checkpointing
+from .train import compile_decoder_layers, compile_enabled, enable_activation_checkpointing
 
 
 def load_student(runtime: Runtime, stage: str):
@@ -44,6 +44,6 @@ def run_finetune(runtime: Runtime) -> dict:
     student.config.attn_logits_scaling = None
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
-    if cfg.compile:
+    if compile_enabled(cfg.compile, runtime.device):
         compile_decoder_layers(student)
     return train_student(runtime, "finetune", student, NextTokenLoss(student, runtime.config.loss_chunk_size), cfg)

@@ -97,6 +97,12 @@ def enable_activation_checkpointing(model) -> None:
     enable()
 
 
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """A stage's ``compile`` setting on ``device``: None compiles on CUDA, where the fused element-wise kernels
+    pay for the compile time many times over, and not on the CPU."""
+    return device.type == "cuda" if setting is None else setting
+
+
 def compile_decoder_layers(model) -> None:
     """torch.compile every decoder layer of ``model`` (a HypeNet or Qwen3 causal LM) in place.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from halo import cli
 from halo.config import ConfigError, load_config, parse_override
@@ -48,6 +49,7 @@ def test_override_values_parse_as_json_else_string():
     ("teacher=/does/not/exist", "teacher"),
     ("distill.stepz=5", "'stepz'; did you mean 'steps'"),
     ("distill.gradient_checkpointing=1", "distill.gradient_checkpointing"),
+    ("finetune.compile=yes", "finetune.compile"),
 ])
 def test_bad_values_fail_naming_the_field(tiny_settings, override, field):
     with pytest.raises(ConfigError) as error:
@@ -86,3 +88,13 @@ def test_cli_reports_a_nan_loss(monkeypatch, capsys, tiny_settings, tmp_path):
     path.write_text(json.dumps(tiny_settings))
     assert cli.main(["align", "--config", str(path)]) == 1
     assert "align: the loss is nan at step 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, device, expected", [(None, "cuda", True), (None, "cpu", False), (True, "cpu", True),
+                                                      (False, "cuda", False)])
+def test_compile_setting_defaults_to_cuda_only(tiny_settings, setting, device, expected):
+    from halo.train import compile_enabled
+
+    config = load_config(None, [f"distill.compile={json.dumps(setting)}"], base=tiny_settings)
+    assert config.distill.compile is setting
+    assert compile_enabled(config.distill.compile, torch.device(device)) is expected
