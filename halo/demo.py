@@ -1,4 +1,4 @@
-"""`halo demo`: convert the shipped tiny Qwen3 teacher into HypeNet end to end, on a CPU, in minutes.
+"""`halo demo`: convert the shipped tiny Qwen3 teacher into HypeNet end to end, in minutes on a CPU.
 
 Every HALO stage runs with small step counts on the shipped Python-documentation corpus (30% of
 training rows are passkey sequences, as for the teacher), then the report compares teacher and
@@ -16,7 +16,7 @@ from .teacher import TEACHER_HELDOUT_FRACTION, TEACHER_SEQ_LEN
 DEMO_SETTINGS = {
     "teacher": "builtin",
     "output_dir": "halo_runs/demo",
-    "device": "cpu",
+    "device": "auto",  # the GPU when there is one (bf16 autocast), else the CPU (float32: the README's numbers)
     "loss_chunk_size": 512,
     "data": {"corpus": "builtin", "heldout_fraction": TEACHER_HELDOUT_FRACTION, "passkey_fraction": 0.3},
     "align": {"steps": 40, "lr": 3e-3, "min_lr": 1e-4, "warmup_steps": 5, "seq_len": TEACHER_SEQ_LEN,
