@@ -146,16 +146,20 @@ def test_passkey_answer_tokens_are_the_needle_number(tokenizer):
         builder.build(10, filler, torch.Generator())
 
 
-def test_compiled_decoder_layers_give_the_eager_outputs_and_gradients():
+@pytest.mark.parametrize("checkpointing", [False, True])  # distill compiles without it, finetune with it
+def test_compiled_decoder_layers_give_the_eager_outputs_and_gradients(checkpointing):
     from hypenet.convert import convert_qwen3
 
     from halo.evals import final_hidden
-    from halo.train import compile_decoder_layers
+    from halo.train import compile_decoder_layers, enable_activation_checkpointing
 
     teacher = _model(seed=5, vocab=64).eval()
     eager = convert_qwen3(teacher, ["lightning-attn", "attn"], dtype=torch.float32).train()
     compiled = convert_qwen3(teacher, ["lightning-attn", "attn"], dtype=torch.float32).train()
     compiled.load_state_dict(eager.state_dict())
+    if checkpointing:
+        enable_activation_checkpointing(eager)
+        enable_activation_checkpointing(compiled)
     compiled_teacher = _model(seed=5, vocab=64).eval()
     compile_decoder_layers(compiled)
     compile_decoder_layers(compiled_teacher)
@@ -167,3 +171,24 @@ def test_compiled_decoder_layers_give_the_eager_outputs_and_gradients():
     torch.testing.assert_close(final_hidden(compiled, input_ids), final_hidden(eager, input_ids))
     for (name, param), compiled_param in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(compiled_param.grad, param.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_training_forwards_build_no_cache(monkeypatch):
+    """final_hidden (every stage's forward) must not fill a KV cache: the teacher is in eval mode, where
+    transformers would otherwise build a DynamicCache on every training step."""
+    import hypenet.modeling
+    import transformers.models.qwen3.modeling_qwen3 as qwen3_modeling
+    from hypenet.convert import convert_qwen3
+
+    from halo.evals import final_hidden
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a training forward built a cache")
+
+    teacher = _model(seed=5, vocab=64).eval()
+    student = convert_qwen3(teacher, ["lightning-attn", "attn"], dtype=torch.float32).eval()
+    monkeypatch.setattr(qwen3_modeling, "DynamicCache", no_cache)
+    monkeypatch.setattr(hypenet.modeling, "HypeNetCache", no_cache)
+    input_ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for model in (teacher, student):
+        assert final_hidden(model, input_ids).shape == (2, 16, 32)
