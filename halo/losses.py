@@ -118,7 +118,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 hidden_chunk = matmul.operand(hidden[start:end])  # (n, d)
                 logits = matmul(hidden_chunk, weight_operand.T)  # (n, vocab) fp32
                 if row_kernels is not None:
-                    token_losses, grad_logits = row_kernels.ce_rows(logits, labels[start:end], matmul.dtype)
+                    token_losses, grad_logits = row_kernels.ce_rows(logits, labels[start:end], matmul.dtype,
+                                                                    targets_checked=True)
                     loss_sum += token_losses.sum()
                 else:
                     chunk_valid = valid[start:end]
@@ -228,6 +229,13 @@ def fused_linear_cross_entropy(
     _check_hidden_and_weight(hidden, weight, "")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got shape {tuple(labels.shape)}")
+    # Checked once per call (one host sync), not per chunk: an out-of-range label would make the chunk loop's
+    # gather fail with an index error, or the row kernel read outside its row.
+    vocab = weight.shape[0]
+    out_of_range = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bool(out_of_range.any()):
+        raise ValueError(f"labels must be in [0, vocab = {vocab}) or {IGNORE_INDEX}, got "
+                         f"{labels[out_of_range][:8].tolist()} among others")
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
 
 

@@ -285,3 +285,7 @@ def test_bad_kl_arguments_raise(teacher_args, match):
 def test_bad_cross_entropy_labels_raise():
     with pytest.raises(ValueError, match="labels"):
         fused_linear_cross_entropy(torch.zeros(5, 4), torch.zeros(10, 4), torch.zeros(4, dtype=torch.long))
+    for bad_label in (10, -1):
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, vocab = 10\) or -100, got \[{bad_label}\]"):
+            fused_linear_cross_entropy(torch.zeros(5, 4), torch.zeros(10, 4),
+                                       torch.tensor([1, bad_label, IGNORE_INDEX, 0, 9]))
