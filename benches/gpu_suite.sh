@@ -140,7 +140,7 @@ fi
 if ! skipped halo_step; then
   # shellcheck disable=SC2086  (SUITE_HALO_STEP_ARGS is a list of arguments)
   part "bench halo_step" "${SUITE_TIMEOUT_HALO_STEP:-600}" env -u OUT python3 -m benches.halo_step --out "$RESULTS" \
-    ${SUITE_HALO_STEP_ARGS:---batches 4,8,16 --breakdown}
+    ${SUITE_HALO_STEP_ARGS:---batches 16 --accumulation 6 --compile --breakdown}
 fi
 
 python3 - "$WORK" "$RESULTS/benches.json" > "$WORK/tables.txt" 2>&1 <<'EOF'
