@@ -16,9 +16,9 @@ bf16 matmuls with float32 logits), backward, gradient clipping at 1.0, AdamW (0.
 micro batches per optimizer step (the global batch is N times the micro batch; the paper's stage 2 uses 96 rows,
 so 6 micro batches of 16 on one GPU), which spreads the clipping and the AdamW update over N micro batches.
 --compile puts every decoder layer of both models through torch.compile, as `halo distill` does on CUDA by default
-(distill.compile); without it the step runs eagerly. The warm-up steps include the compilation. --warmup steps (Triton compilation, autotuning, AdamW state), then --steps timed
-back to back between CUDA events: ms per step, tokens/s (batch * accumulation * ctx per step), the model FLOPs of a step
-(`step_flops`: what the models compute, not recomputation) and MFU = model FLOP/s over the bf16 dense datasheet
+(distill.compile); without it the step runs eagerly. --warmup steps (compilation, Triton autotuning, AdamW
+state), then --steps timed back to back between CUDA events: ms per step, tokens/s (batch * accumulation * ctx
+per step), the model FLOPs of a step (`step_flops`: what the models compute, not recomputation) and MFU = model FLOP/s over the bf16 dense datasheet
 peak of the card (989 TFLOP/s for H100 SXM and H200; --peak-tflops for other cards). --breakdown also times the
 parts of a step alone: teacher forward, student forward + backward from a fixed gradient on its final hidden
 states, the fused KL forward + backward from stored hidden states (each per micro batch), and clipping + the AdamW
@@ -30,7 +30,7 @@ every measurement rewrites the JSON. Timings are reported, never asserted.
 
 Several GPUs: `torchrun --standalone --nproc_per_node G -m benches.halo_step ...` runs the same step data-parallel
 as `halo distill` does under torchrun (every rank holds the models and --batches rows per step, the gradients are
-averaged by the Trainer's all-reduce), so a row's global batch is G times its micro batch. tokens/s counts every
+averaged by the Trainer's all-reduce), so a row's global batch is G * accumulation times its micro batch. tokens/s counts every
 rank's tokens; MFU is per GPU. Rank 0 prints and writes DIR/halo_step_<G>gpu[_checkpointing].json. A failure on one rank ends the
 whole run (torchrun stops the other ranks) instead of being recorded as a row, since the other ranks would wait
 for it in the all-reduce.
