@@ -101,8 +101,8 @@ def forward_flops_per_token(model: torch.nn.Module, ctx: int) -> float:
     """Forward FLOPs per token of `model` (a HypeNetForCausalLM or a Qwen3ForCausalLM) on rows of `ctx` tokens.
 
     - matmuls: 2 * matmul_parameters(model) (a multiply and an add per weight), lm_head included: the fused KL
-      computes both models' logits, so their lm_head matmuls belong to the step (it runs them in float32, on
-      TF32 tensor cores at half the bf16 rate, but the MFU counts them against the bf16 peak like the rest);
+      computes both models' logits, so their lm_head matmuls belong to the step (bf16 operands under autocast,
+      float32 output);
     - softmax attention, per attention layer: QK^T and PV over the ctx/2 keys a causal query sees on average,
       2 * 2 * (ctx / 2) * heads * head_dim (`benches.common.causal_attention_flops` per token);
     - Lightning attention, per Lightning layer: the recurrence in state form, S_t = gamma S_{t-1} + k_t^T v_t and
@@ -341,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"--peak-tflops is required on {torch.cuda.get_device_name(device)!r}: its bf16 dense "
                          "datasheet peak is not known here")
     if device.type == "cuda":
-        # As halo.runtime.Runtime.create does: the fused KL's float32 logits run on TF32 tensor cores.
+        # As halo.runtime.Runtime.create does: any float32 matmul runs on TF32 tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True
     amp_dtype = autocast_dtype(device, "auto")
     torch.manual_seed(0)

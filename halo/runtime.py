@@ -34,7 +34,7 @@ class Runtime:
         device = resolve_device(config.device, dist)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            # The fused losses compute logits in float32; TF32 tensor cores keep that fast.
+            # Float32 matmuls (the evaluations' logits; every matmul under precision=fp32) on TF32 tensor cores.
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(config.seed)
         random.seed(config.seed)
