@@ -50,6 +50,8 @@ def run_distill(runtime: Runtime, mixer_types: list[str], candidates: torch.nn.M
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
     if compile_enabled(cfg.compile, runtime.device):
+        runtime.log("[distill] torch.compile on the decoder layers: the first step includes the compilation "
+                    "(distill.compile=false to skip)")
         compile_decoder_layers(student)
         compile_decoder_layers(runtime.teacher())
     if runtime.dist.enabled:  # o_gate is new: start every rank from rank 0's values

@@ -45,5 +45,7 @@ def run_finetune(runtime: Runtime) -> dict:
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
     if compile_enabled(cfg.compile, runtime.device):
+        runtime.log("[finetune] torch.compile on the decoder layers: the first step includes the compilation "
+                    "(finetune.compile=false to skip)")
         compile_decoder_layers(student)
     return train_student(runtime, "finetune", student, NextTokenLoss(student, runtime.config.loss_chunk_size), cfg)
