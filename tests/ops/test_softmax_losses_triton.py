@@ -109,16 +109,21 @@ class KLCase:
     seed: int
 
 
+def _draw_rows(draw, max_rows: int, vocabs: st.SearchStrategy, blocks: list) -> dict:
+    """The fields both cases share: rows, vocabulary, tile width (at most MAX_TILES per row), scale, padding, seed."""
+    V = draw(vocabs)
+    return {"n": draw(st.integers(1, max_rows)), "V": V, "scale": draw(st.floats(0.1, 30.0)),
+            "padded": draw(st.integers(0, min(V - 1, 9))),
+            "block_v": draw(st.sampled_from([b for b in blocks if b is None or V <= MAX_TILES * b])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
 @st.composite
 def kl_cases(draw, max_rows: int, vocabs: st.SearchStrategy, blocks: list):
-    V = draw(vocabs)
-    block_v = draw(st.sampled_from([b for b in blocks if b is None or V <= MAX_TILES * b]))
-    return KLCase(n=draw(st.integers(1, max_rows)), V=V, scale=draw(st.floats(0.1, 30.0)),
-                  teacher_near_student=draw(st.booleans()), padded=draw(st.integers(0, min(V - 1, 9))),
+    return KLCase(**_draw_rows(draw, max_rows, vocabs, blocks), teacher_near_student=draw(st.booleans()),
                   teacher_zeros=draw(st.sampled_from([0.0, 0.0, 0.5, 0.99])),
                   teacher_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
-                  grad_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
-                  block_v=block_v, seed=draw(st.integers(0, 2**16)))
+                  grad_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])))
 
 
 def _kl_inputs(case: KLCase, device: str):
@@ -193,12 +198,8 @@ class CECase:
 
 @st.composite
 def ce_cases(draw, max_rows: int, vocabs: st.SearchStrategy, blocks: list):
-    V = draw(vocabs)
-    block_v = draw(st.sampled_from([b for b in blocks if b is None or V <= MAX_TILES * b]))
-    return CECase(n=draw(st.integers(1, max_rows)), V=V, scale=draw(st.floats(0.1, 30.0)),
-                  padded=draw(st.integers(0, min(V - 1, 9))), ignored=draw(st.sampled_from([0.0, 0.4])),
-                  grad_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
-                  block_v=block_v, seed=draw(st.integers(0, 2**16)))
+    return CECase(**_draw_rows(draw, max_rows, vocabs, blocks), ignored=draw(st.sampled_from([0.0, 0.4])),
+                  grad_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
 
 
 def _check_ce(case: CECase, device: str) -> None:
@@ -299,20 +300,21 @@ CE_BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("changes, fragments", KL_BAD_INPUTS.values(), ids=KL_BAD_INPUTS.keys())
-def test_kl_rows_rejects_bad_inputs(changes, fragments):
+def _assert_value_error_names(launcher, args: dict, fragments: list[str]) -> None:
     with pytest.raises(ValueError) as error:
-        kl_rows(**_kl_args(triton_device(), **changes))
+        launcher(**args)
     for fragment in fragments:
         assert fragment in str(error.value), f"{fragment!r} missing from {str(error.value)!r}"
+
+
+@pytest.mark.parametrize("changes, fragments", KL_BAD_INPUTS.values(), ids=KL_BAD_INPUTS.keys())
+def test_kl_rows_rejects_bad_inputs(changes, fragments):
+    _assert_value_error_names(kl_rows, _kl_args(triton_device(), **changes), fragments)
 
 
 @pytest.mark.parametrize("changes, fragments", CE_BAD_INPUTS.values(), ids=CE_BAD_INPUTS.keys())
 def test_ce_rows_rejects_bad_inputs(changes, fragments):
-    with pytest.raises(ValueError) as error:
-        ce_rows(**_ce_args(triton_device(), **changes))
-    for fragment in fragments:
-        assert fragment in str(error.value), f"{fragment!r} missing from {str(error.value)!r}"
+    _assert_value_error_names(ce_rows, _ce_args(triton_device(), **changes), fragments)
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
