@@ -9,8 +9,8 @@ fp32": what the published model runs; the cast itself is not timed). hypenet row
 so nothing accumulates into .grad between calls. Bandwidth and "pct_floor" count the fewest bytes
 (benches.common.lightning_chunk_bytes: inputs read once, outputs written once).
 
-"packed" rows: 8 ragged sequences with the 32768 tokens of B8 T4096 packed in one row (cu_seqlens), against the
-equal-length batch of the same tokens.
+"packed" rows: the 32768 tokens of B8 T4096 packed in one row (cu_seqlens) as 8 ragged sequences and as 64 x 512,
+against the equal-length batch of the same tokens.
 
 Runtime: fla autotunes each of its kernels on first use per dtype, which takes several minutes on a fresh machine;
 allow the module >= 10 minutes there.
@@ -29,7 +29,8 @@ H, D = 16, 128
 DTYPE = torch.bfloat16
 SHAPES = [(8, 4096), (2, 16384), (1, 65536)]
 QUICK_SHAPES = [(8, 4096)]
-PACKED_LENGTHS = [8192, 1024, 6144, 512, 3072, 2560, 7168, 4096]  # the 32768 tokens of B8 T4096
+# Packed batches holding the 32768 tokens of B8 T4096: ragged lengths, and many short sequences.
+PACKED_CASES = {"8 ragged": [8192, 1024, 6144, 512, 3072, 2560, 7168, 4096], "64 x 512": [512] * 64}
 FLA = "fla chunk_simple_gla"
 FLA_FP32 = "fla chunk_simple_gla fp32"
 OURS = "hypenet-triton"
@@ -130,17 +131,17 @@ def _time_rows(shape: str, backends: dict, x: dict, log_decay: torch.Tensor, sca
 
 
 def _packed_rows(log_decay: torch.Tensor, scale: float) -> list[dict]:
-    """Packed ragged sequences, to set against the equal-length batch holding the same number of tokens."""
-    total = sum(PACKED_LENGTHS)
-    cu_seqlens = torch.tensor([0] + torch.tensor(PACKED_LENGTHS).cumsum(0).tolist(), device="cuda",
-                              dtype=torch.int64)
-    x = _inputs(1, total, seed=7)
-    shape = f"packed {len(PACKED_LENGTHS)} ragged, {total} tokens H{H} D{D} bf16"
+    """Packed sequences, to set against the equal-length batch holding the same number of tokens."""
     rows = []
-    for backward in (False, True):
-        backends, _ = _backends(backward, cu_seqlens, with_fp32=False)
-        nbytes = lightning_chunk_bytes(1, total, H, D, D, DTYPE.itemsize, backward)
-        rows += _time_rows(shape, backends, x, log_decay, scale, backward, nbytes)
+    for name, lengths in PACKED_CASES.items():
+        total = sum(lengths)
+        cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda", dtype=torch.int64)
+        x = _inputs(1, total, seed=7)
+        shape = f"packed {name}, {total} tokens H{H} D{D} bf16"
+        for backward in (False, True):
+            backends, _ = _backends(backward, cu_seqlens, with_fp32=False)
+            nbytes = lightning_chunk_bytes(1, total, H, D, D, DTYPE.itemsize, backward)
+            rows += _time_rows(shape, backends, x, log_decay, scale, backward, nbytes)
     return rows
 
 

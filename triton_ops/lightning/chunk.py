@@ -21,6 +21,14 @@ column tile) triples to fill the GPU, each sequence is cut into segments of SEG_
     stage segment_scan:   a short sequential pass over segments turns them into each segment's start state;
     stage output:         every segment walks its chunks from its start state, in parallel.
 With one segment per sequence only the output stage runs (one kernel, inputs read once).
+
+Packed batches (cu_seqlens) are balanced over a flat list of chunks instead: every sequence is cut into chunks of
+BT tokens, all sequences' chunks are laid end to end, and that list is cut into ranges of about equal chunk counts
+(whole state segments of SEGMENT_CHUNKS chunks). One output program walks a range in one loop that resets the state
+where a sequence starts, so short sequences share a program and its software pipeline, and long ones are spread
+over several. Only a range that begins inside a sequence needs a start state: the segment stages compute just the
+segments of the sequence before that cut. Device-side tables (two small kernels, no host sync) describe the chunks
+and ranges, so the launch shapes depend on the token count and sequence count only.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two for tl.dot; a [128, BV] fp32 state still fits registers
 CHUNK = 64  # BT: tokens per chunk (a 64-row tile is one Hopper warpgroup MMA)
 MIN_SEGMENT = 512  # shorter segments cost more in the segment stages than they win in parallelism
+SEGMENT_CHUNKS = MIN_SEGMENT // CHUNK  # packed batches: chunks per state segment (ranges are whole segments)
+TABLE_BLOCK = 1024  # sequences or chunks per program of the packed-table kernels
 # Launch configuration (module constants so that benchmarks can compare alternatives). Swept on an H200
 # (benches/NOTES.md): BV=64 with 4 warps and 2 stages is fastest at every shape (~200 registers, 76-88 KB of shared
 # memory: two programs per SM); 3 stages (one program per SM) cost ~20%, 8 warps or BV=128 ~2x, BV=32 ~50%.
@@ -79,38 +89,16 @@ def _decay_pow(log_decay, n):
 
 
 @triton.jit
-def _locate_segment(i_seg, cu_seqlens, seg_offsets, T, seg_len, num_segs, N,
-                    SEARCH_STEPS: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Segment index -> (sequence n, segment index within it, segments of that sequence, first token of the
-    sequence in the flattened token axis, sequence length). Packed (IS_VARLEN) with SEARCH_STEPS > 0:
-    seg_offsets [N + 1] holds the first segment of every sequence and a binary search finds the sequence (indices
-    past the last segment give i_s >= ns); SEARCH_STEPS == 0 means one segment per sequence."""
-    if IS_VARLEN:
-        if SEARCH_STEPS > 0:
-            lo = i_seg * 0
-            hi = lo + N
-            for _ in tl.static_range(SEARCH_STEPS):
-                mid = (lo + hi) // 2
-                right = tl.load(seg_offsets + mid) <= i_seg
-                lo = tl.where(right, mid, lo)
-                hi = tl.where(right, hi, mid)
-            i_n = lo
-            first = tl.load(seg_offsets + i_n)
-            ns = tl.load(seg_offsets + i_n + 1) - first
-            i_s = i_seg - first
-        else:
-            i_n = i_seg
-            ns = 1
-            i_s = 0
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        i_n = i_seg // num_segs
-        i_s = i_seg % num_segs
-        ns = num_segs
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
-    return i_n, i_s, ns, bos, seq_len
+def _search_sorted(offsets, i, N, SEARCH_STEPS: tl.constexpr):
+    """Largest n in [0, N) with offsets[n] <= i, for strictly increasing offsets [N + 1] (i may be a block)."""
+    lo = i * 0
+    hi = lo + N
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(offsets + mid) <= i
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
 
 
 @triton.jit
@@ -129,196 +117,469 @@ def _chunk_state_update(state, b_blk, c_blk, o_t, length, log_decay, state_in_sc
 
 
 @triton.jit
-def lightning_attn_fwd_kernel_segment_states(
-    b, c, log_decay, seg_states, cu_seqlens, seg_offsets,
-    T, N, H, seg_len, num_segs, state_in_scale,
-    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """State contribution of every segment on its own (zero start state).
-
-    b [*, H, DA], c [*, H, DC] (flattened tokens); seg_states [S, H, DA, DC] fp32, S = the launched segments.
-    Grid (S * H * DC / BV,). Forwards the last segment of a sequence is skipped (nothing follows it), backwards
-    the first."""
-    NV: tl.constexpr = DC // BV
-    pid = tl.program_id(0)
-    i_v = pid % NV
-    i_h = (pid // NV) % H
-    i_seg = pid // (NV * H)
-    i_n, i_s, ns, bos, seq_len = _locate_segment(i_seg, cu_seqlens, seg_offsets, T, seg_len, num_segs, N,
-                                                 SEARCH_STEPS, IS_VARLEN)
+def _decayed_causal_mask(log_decay, o_t, scale, REVERSE: tl.constexpr):
+    """The [BT, BT] intra-chunk mask scale * gamma^|t-s| on the causal side (s <= t; s >= t backwards)."""
     if REVERSE:
-        needed = (i_s > 0) & (i_s < ns)
+        dist = o_t[None, :] - o_t[:, None]
     else:
-        needed = i_s < ns - 1
-    if needed:
-        ld = tl.load(log_decay + i_h).to(tl.float32)
-        o_t = tl.arange(0, BT)
-        o_a = tl.arange(0, DA)
-        o_c = i_v * BV + tl.arange(0, BV)
-        seg_start = i_s * seg_len
-        n_chunks = tl.cdiv(tl.minimum(seg_len, seq_len - seg_start), BT)
-        state = tl.zeros([DA, BV], dtype=tl.float32)
-        for ic in range(0, n_chunks):
+        dist = o_t[:, None] - o_t[None, :]
+    return tl.where(dist >= 0, _decay_pow(log_decay, tl.maximum(dist, 0)) * scale, 0.0)
+
+
+@triton.jit
+def _chunk_output(state, a, b, c, out, rows, length, mask, log_decay, o_t, o_a, o_c, state_in_scale,
+                  state_out_scale, H, DA: tl.constexpr, DC: tl.constexpr, REVERSE: tl.constexpr,
+                  STATE_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One chunk of the scan: write its `length` output rows, return the state advanced past it.
+
+    rows = 64-bit index of the chunk's first row in the [tokens * H] row axis (offsets within the chunk stay
+    32-bit). Per chunk (rows t, columns s): out = (mask o a b^T) c + state_out_scale * diag(gamma^(t+1)) a S
+    (backwards the state weight is gamma^(L-1-t))."""
+    row_ok = (o_t < length)[:, None]
+    ab_offsets = o_t[:, None] * (H * DA) + o_a[None, :]
+    c_offsets = o_t[:, None] * (H * DC) + o_c[None, :]
+    a_blk = tl.load(a + rows * DA + ab_offsets, mask=row_ok, other=0.0)
+    b_blk = tl.load(b + rows * DA + ab_offsets, mask=row_ok, other=0.0)
+    c_blk = tl.load(c + rows * DC + c_offsets, mask=row_ok, other=0.0)
+
+    scores = tl.dot(a_blk, tl.trans(b_blk), input_precision=DOT_PRECISION) * mask
+    acc = tl.dot(scores.to(c_blk.dtype), c_blk, input_precision=DOT_PRECISION)
+    if REVERSE:
+        steps = length - 1 - o_t
+    else:
+        steps = o_t + 1
+    row_weight = tl.where(o_t < length, _decay_pow(log_decay, tl.maximum(steps, 0)), 0.0) * state_out_scale
+    if STATE_DOT_FP32:
+        inter = tl.dot(a_blk.to(tl.float32), state, input_precision=DOT_PRECISION)
+    else:
+        inter = tl.dot(a_blk, state.to(a_blk.dtype))
+    acc += inter * row_weight[:, None]
+    p_o = out + rows * DC + c_offsets
+    tl.store(p_o, acc.to(p_o.dtype.element_ty), mask=row_ok)
+    return _chunk_state_update(state, b_blk, c_blk, o_t, length, log_decay, state_in_scale, REVERSE, DOT_PRECISION)
+
+
+@triton.jit
+def _cut_bounds(first_chunk, ns, range_chunks, seg_chunks, REVERSE: tl.constexpr):
+    """Packed batches: which segments of a sequence (first chunk `first_chunk`, ns segments) the segment stages
+    need. Forwards: segments [0, j_stop) precede the sequence's last range cut; backwards: segments [j_stop, ns)
+    follow its first cut. No cut inside the sequence gives an empty set."""
+    last_start = first_chunk + (ns - 1) * seg_chunks
+    if REVERSE:
+        cut = (first_chunk // range_chunks + 1) * range_chunks
+        j_stop = tl.where(cut <= last_start, tl.cdiv(cut - first_chunk, seg_chunks), ns)
+    else:
+        cut = (last_start // range_chunks) * range_chunks
+        j_stop = tl.where(cut > first_chunk, tl.cdiv(cut - first_chunk, seg_chunks), 0)
+    return j_stop
+
+
+@triton.jit
+def _packed_counts(cu_seqlens, n, ok, BT: tl.constexpr, SEG_CHUNKS: tl.constexpr):
+    """Chunks and segments of sequences n (zero where not ok; an empty sequence still gets one chunk, so that
+    its final state is written)."""
+    length = tl.load(cu_seqlens + n + 1, mask=ok, other=0) - tl.load(cu_seqlens + n, mask=ok, other=0)
+    chunks = tl.where(ok, tl.maximum(tl.cdiv(length.to(tl.int32), BT), 1), 0)
+    return chunks, tl.cdiv(chunks, SEG_CHUNKS)
+
+
+@triton.jit
+def lightning_attn_packed_offsets_kernel(
+    cu_seqlens, chunk_offsets, seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, packed_meta,
+    N, num_ranges, fixed_range_chunks,
+    SEG_CHUNKS: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program, two passes over the sequences.
+
+    First: chunk and segment offsets [N + 1] (prefix sums), the chunks per range, packed_meta[0:2] = (chunks,
+    chunks per range), and every range-table entry set to the chunk count (the tables kernel overwrites the entries
+    of ranges that exist). Second: the sequences a range starts inside ("cut" sequences, at most ranges - 1):
+    cut_seqs [k] = the k-th one, cut_fwd / cut_rev [k] = its first entry in the flat lists of segments the forwards
+    / backwards segment stages need (`_cut_bounds`), entry [n_cut] = the list lengths; packed_meta[2] = n_cut."""
+    o = tl.arange(0, BLOCK)
+    chunks_before = N * 0
+    segs_before = N * 0
+    tl.store(chunk_offsets + o, o * 0, mask=o == 0)
+    tl.store(seg_offsets + o, o * 0, mask=o == 0)
+    for start in range(0, N, BLOCK):
+        n = start + o
+        ok = n < N
+        chunks, segs = _packed_counts(cu_seqlens, n, ok, BT, SEG_CHUNKS)
+        tl.store(chunk_offsets + n + 1, chunks_before + tl.cumsum(chunks, 0), mask=ok)
+        tl.store(seg_offsets + n + 1, segs_before + tl.cumsum(segs, 0), mask=ok)
+        chunks_before += tl.sum(chunks, 0)
+        segs_before += tl.sum(segs, 0)
+    if fixed_range_chunks > 0:
+        range_chunks = chunks_before * 0 + fixed_range_chunks
+    else:
+        range_chunks = tl.maximum(tl.cdiv(chunks_before, num_ranges), SEG_CHUNKS)
+    for start in range(0, num_ranges + 1, BLOCK):
+        p = start + o
+        tl.store(range_table + p, chunks_before + p * 0, mask=p <= num_ranges)
+
+    # The second pass recomputes the offsets instead of reading back this program's own stores.
+    first_chunk_before = N * 0
+    n_cut = N * 0
+    fwd_total = N * 0
+    rev_total = N * 0
+    for start in range(0, N, BLOCK):
+        n = start + o
+        ok = n < N
+        chunks, segs = _packed_counts(cu_seqlens, n, ok, BT, SEG_CHUNKS)
+        first_chunk = first_chunk_before + tl.cumsum(chunks, 0) - chunks
+        j_fwd = _cut_bounds(first_chunk, segs, range_chunks, SEG_CHUNKS, False)
+        j_rev = _cut_bounds(first_chunk, segs, range_chunks, SEG_CHUNKS, True)
+        cut = ok & (j_fwd > 0)
+        cut_count = cut.to(tl.int32)
+        fwd = tl.where(cut, j_fwd, 0)
+        rev = tl.where(cut, segs - j_rev, 0)
+        k = n_cut + tl.cumsum(cut_count, 0) - cut_count
+        tl.store(cut_seqs + k, n, mask=cut)
+        tl.store(cut_fwd + k, fwd_total + tl.cumsum(fwd, 0) - fwd, mask=cut)
+        tl.store(cut_rev + k, rev_total + tl.cumsum(rev, 0) - rev, mask=cut)
+        first_chunk_before += tl.sum(chunks, 0)
+        n_cut += tl.sum(cut_count, 0)
+        fwd_total += tl.sum(fwd, 0)
+        rev_total += tl.sum(rev, 0)
+    tl.store(cut_fwd + n_cut + o, fwd_total + o * 0, mask=o == 0)
+    tl.store(cut_rev + n_cut + o, rev_total + o * 0, mask=o == 0)
+    tl.store(packed_meta + o, tl.where(o == 0, chunks_before, tl.where(o == 1, range_chunks, n_cut)), mask=o < 3)
+
+
+@triton.jit
+def lightning_attn_packed_tables_kernel(
+    cu_seqlens, chunk_offsets, seg_offsets, chunk_table, range_table, packed_meta, N,
+    SEG_CHUNKS: tl.constexpr, BT: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Fill chunk_table [chunks, 4] int32 = (first token, real rows, sequence, flags: 1 = the sequence's first
+    chunk, 2 = its last) and range_table [ranges + 1] = first chunk of every range (a range starts at the first
+    segment whose first chunk reaches a multiple of the range size). Grid over max(chunks, segments) / BLOCK."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    num_chunks = tl.load(packed_meta)
+    range_chunks = tl.load(packed_meta + 1)
+    num_segs = tl.load(seg_offsets + N)
+
+    n = _search_sorted(chunk_offsets, i, N, SEARCH_STEPS)
+    bos = tl.load(cu_seqlens + n).to(tl.int32)
+    seq_len = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
+    t0 = (i - tl.load(chunk_offsets + n)) * BT
+    flags = (t0 == 0).to(tl.int32) + 2 * (t0 + BT >= seq_len).to(tl.int32)
+    is_chunk = i < num_chunks
+    tl.store(chunk_table + 4 * i, bos + t0, mask=is_chunk)
+    tl.store(chunk_table + 4 * i + 1, tl.minimum(tl.maximum(seq_len - t0, 0), BT), mask=is_chunk)
+    tl.store(chunk_table + 4 * i + 2, n, mask=is_chunk)
+    tl.store(chunk_table + 4 * i + 3, flags, mask=is_chunk)
+
+    n = _search_sorted(seg_offsets, i, N, SEARCH_STEPS)
+    j = i - tl.load(seg_offsets + n)
+    seq_first_chunk = tl.load(chunk_offsets + n)
+    seg_first_chunk = seq_first_chunk + j * SEG_CHUNKS
+    # The previous segment: in the same sequence, or the last (possibly short) one of the sequence before.
+    prev_chunks = seq_first_chunk - tl.load(chunk_offsets + tl.maximum(n - 1, 0))
+    prev_first_chunk = tl.where(j > 0, seg_first_chunk - SEG_CHUNKS,
+                                seq_first_chunk - ((prev_chunks - 1) % SEG_CHUNKS + 1))
+    starts_range = (i == 0) | (seg_first_chunk // range_chunks > prev_first_chunk // range_chunks)
+    tl.store(range_table + seg_first_chunk // range_chunks, seg_first_chunk, mask=(i < num_segs) & starts_range)
+
+
+@triton.jit
+def _segment_contribution(b, c, log_decay, bos, seq_len, seg_start, seg_len, i_h, o_c, H, state_in_scale,
+                          DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                          REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """State contribution of one segment on its own (zero start state): [DA, BV] fp32."""
+    ld = tl.load(log_decay + i_h).to(tl.float32)
+    o_t = tl.arange(0, BT)
+    o_a = tl.arange(0, DA)
+    n_chunks = tl.cdiv(tl.minimum(seg_len, seq_len - seg_start), BT)
+    state = tl.zeros([DA, BV], dtype=tl.float32)
+    for ic in range(0, n_chunks):
+        if REVERSE:
+            t0 = seg_start + (n_chunks - 1 - ic) * BT
+        else:
+            t0 = seg_start + ic * BT
+        length = tl.minimum(BT, seq_len - t0)
+        rows = (bos + t0) * H + i_h
+        row_ok = (o_t < length)[:, None]
+        b_blk = tl.load(b + rows * DA + o_t[:, None] * (H * DA) + o_a[None, :], mask=row_ok, other=0.0)
+        c_blk = tl.load(c + rows * DC + o_t[:, None] * (H * DC) + o_c[None, :], mask=row_ok, other=0.0)
+        state = _chunk_state_update(state, b_blk, c_blk, o_t, length, ld, state_in_scale, REVERSE, DOT_PRECISION)
+    return state
+
+
+@triton.jit
+def lightning_attn_fwd_kernel_segment_states(
+    b, c, log_decay, seg_states, cu_seqlens, seg_offsets, chunk_offsets, cut_seqs, cut_first, packed_meta,
+    T, H, seg_len, num_segs, state_in_scale,
+    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, CUT_SEARCH_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """State contribution of segments on their own, into seg_states [slots, H, DA, DC] fp32.
+
+    b [*, H, DA], c [*, H, DC] (flattened tokens). Equal-length batches: one program per (segment, head, BV
+    columns), slot = segment; forwards the last segment of a sequence is skipped (nothing follows it), backwards
+    the first. Packed: the programs share the work items (needed segment, head, BV columns) of the cut sequences
+    (cut_first = the forwards or backwards list offsets of `lightning_attn_packed_offsets_kernel`); slot = the
+    segment's first chunk // segment chunks (distinct for needed segments: all but a sequence's last are whole)."""
+    NV: tl.constexpr = DC // BV
+    if IS_VARLEN:
+        seg_chunks = seg_len // BT
+        range_chunks = tl.load(packed_meta + 1)
+        n_cut = tl.load(packed_meta + 2)
+        for w in range(tl.program_id(0), tl.load(cut_first + n_cut) * (H * NV), tl.num_programs(0)):
+            i_v = w % NV
+            i_h = (w // NV) % H
+            item = w // (NV * H)
+            k = _search_sorted(cut_first, item, n_cut, CUT_SEARCH_STEPS)
+            i_n = tl.load(cut_seqs + k)
+            first_chunk = tl.load(chunk_offsets + i_n)
+            i_s = item - tl.load(cut_first + k)
             if REVERSE:
-                t0 = seg_start + (n_chunks - 1 - ic) * BT
-            else:
-                t0 = seg_start + ic * BT
-            length = tl.minimum(BT, seq_len - t0)
-            rows = (bos + t0) * H + i_h
-            row_ok = (o_t < length)[:, None]
-            b_blk = tl.load(b + rows * DA + o_t[:, None] * (H * DA) + o_a[None, :], mask=row_ok, other=0.0)
-            c_blk = tl.load(c + rows * DC + o_t[:, None] * (H * DC) + o_c[None, :], mask=row_ok, other=0.0)
-            state = _chunk_state_update(state, b_blk, c_blk, o_t, length, ld, state_in_scale, REVERSE, DOT_PRECISION)
-        p_s = seg_states + ((i_seg.to(tl.int64) * H + i_h) * DA + o_a[:, None]) * DC + o_c[None, :]
-        tl.store(p_s, state)
+                ns = tl.load(seg_offsets + i_n + 1) - tl.load(seg_offsets + i_n)
+                i_s += _cut_bounds(first_chunk, ns, range_chunks, seg_chunks, True)
+            bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+            seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+            o_c = i_v * BV + tl.arange(0, BV)
+            state = _segment_contribution(b, c, log_decay, bos, seq_len, i_s * seg_len, seg_len, i_h, o_c, H,
+                                          state_in_scale, DA, DC, BT, BV, REVERSE, DOT_PRECISION)
+            slot = (first_chunk + i_s * seg_chunks) // seg_chunks
+            p_s = seg_states + ((slot.to(tl.int64) * H + i_h) * DA + tl.arange(0, DA)[:, None]) * DC + o_c[None, :]
+            tl.store(p_s, state)
+    else:
+        pid = tl.program_id(0)
+        i_v = pid % NV
+        i_h = (pid // NV) % H
+        i_seg = pid // (NV * H)
+        i_s = i_seg % num_segs
+        if REVERSE:
+            needed = i_s > 0
+        else:
+            needed = i_s < num_segs - 1
+        if needed:
+            o_c = i_v * BV + tl.arange(0, BV)
+            state = _segment_contribution(b, c, log_decay, (i_seg // num_segs).to(tl.int64) * T, T, i_s * seg_len,
+                                          seg_len, i_h, o_c, H, state_in_scale, DA, DC, BT, BV, REVERSE,
+                                          DOT_PRECISION)
+            p_s = seg_states + ((i_seg.to(tl.int64) * H + i_h) * DA + tl.arange(0, DA)[:, None]) * DC + o_c[None, :]
+            tl.store(p_s, state)
 
 
 @triton.jit
 def lightning_attn_fwd_kernel_segment_scan(
-    log_decay, seg_states, initial_state, cu_seqlens, seg_offsets,
-    T, N, H, seg_len, num_segs,
+    log_decay, seg_states, starts, initial_state, cu_seqlens, seg_offsets, chunk_offsets, cut_seqs, packed_meta,
+    T, H, seg_len, num_segs,
     stride_init_n, stride_init_h, stride_init_a, stride_init_c,
-    DA: tl.constexpr, DC: tl.constexpr, BV: tl.constexpr,
+    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_INITIAL: tl.constexpr,
 ):
-    """Turn segment contributions into segment start states, in place, one sequence per program.
+    """Turn segment contributions into start states, one sequence per program. Grid (sequences * H * DC / BV,).
 
-    seg_states [S, H, DA, DC] fp32; initial_state [N, H, DA, DC] by strides (it may be a transposed view).
-    Start of the first segment (last, backwards) = the initial state; each next start = gamma^len * previous
-    start + previous contribution. Grid (N * H * DC / BV,)."""
+    Equal-length batches: starts is seg_states itself, rewritten in place with every segment's start state (start
+    of the first segment, the last backwards, = the initial state; each next start = gamma^len * previous start +
+    previous contribution). Packed: programs walk the cut sequences (the grid covers the bound ranges - 1); starts
+    [ranges + 1, H, DA, DC] receives, for every range that begins inside the sequence, the state at its first chunk
+    (forwards) or after its last chunk (backwards, stored at the next range's index). initial_state [N, H, DA, DC]
+    by strides (it may be a transposed view)."""
     NV: tl.constexpr = DC // BV
     pid = tl.program_id(0)
     i_v = pid % NV
     i_h = (pid // NV) % H
-    i_n = pid // (NV * H)
+    k = pid // (NV * H)
     if IS_VARLEN:
-        first = tl.load(seg_offsets + i_n)
-        ns = tl.load(seg_offsets + i_n + 1) - first
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+        active = k < tl.load(packed_meta + 2)
+        i_n = tl.load(cut_seqs + k, mask=active, other=0)
     else:
-        first = i_n * num_segs
-        ns = num_segs
-        seq_len = T
-    ld = tl.load(log_decay + i_h).to(tl.float32)
-    o_a = tl.arange(0, DA)
-    o_c = i_v * BV + tl.arange(0, BV)
-    if HAS_INITIAL:
-        p_init = (initial_state + i_n.to(tl.int64) * stride_init_n + i_h * stride_init_h
-                  + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
-        running = tl.load(p_init).to(tl.float32)
-    else:
-        running = tl.zeros([DA, BV], dtype=tl.float32)
-    tile = (i_h * DA + o_a[:, None]) * DC + o_c[None, :]
-    for jj in range(0, ns - 1):
-        if REVERSE:
-            j = ns - 1 - jj
+        active = k >= 0
+        i_n = k
+    if active:
+        ld = tl.load(log_decay + i_h).to(tl.float32)
+        o_a = tl.arange(0, DA)
+        o_c = i_v * BV + tl.arange(0, BV)
+        if HAS_INITIAL:
+            p_init = (initial_state + i_n.to(tl.int64) * stride_init_n + i_h * stride_init_h
+                      + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
+            running = tl.load(p_init).to(tl.float32)
         else:
-            j = jj
-        p_s = seg_states + (first + j).to(tl.int64) * H * DA * DC + tile
-        contribution = tl.load(p_s)
-        tl.store(p_s, running)
-        length = tl.minimum(seg_len, seq_len - j * seg_len)
-        running = running * _decay_pow(ld, length) + contribution
-    if REVERSE:
-        j_last = 0
-    else:
-        j_last = ns - 1
-    tl.store(seg_states + (first + j_last).to(tl.int64) * H * DA * DC + tile, running)
+            running = tl.zeros([DA, BV], dtype=tl.float32)
+        tile = (i_h * DA + o_a[:, None]) * DC + o_c[None, :]
+        slot_size = H * DA * DC
+        if IS_VARLEN:
+            ns = tl.load(seg_offsets + i_n + 1) - tl.load(seg_offsets + i_n)
+            seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+            seg_chunks = seg_len // BT
+            first_chunk = tl.load(chunk_offsets + i_n)
+            range_chunks = tl.load(packed_meta + 1)
+            j_stop = _cut_bounds(first_chunk, ns, range_chunks, seg_chunks, REVERSE)
+            if REVERSE:
+                n_steps = ns - j_stop
+            else:
+                n_steps = j_stop
+            for step in range(0, n_steps):
+                if REVERSE:
+                    j = ns - 1 - step  # fold segment j: the state now enters segment j - 1
+                    j_next = j
+                else:
+                    j = step  # fold segment j: the state now enters segment j + 1
+                    j_next = j + 1
+                seg_chunk = first_chunk + j * seg_chunks
+                contribution = tl.load(seg_states + (seg_chunk // seg_chunks).to(tl.int64) * slot_size + tile)
+                running = running * _decay_pow(ld, tl.minimum(seg_len, seq_len - j * seg_len)) + contribution
+                next_chunk = first_chunk + j_next * seg_chunks
+                if next_chunk // range_chunks > (next_chunk - seg_chunks) // range_chunks:
+                    tl.store(starts + (next_chunk // range_chunks).to(tl.int64) * slot_size + tile, running)
+        else:
+            first = i_n * num_segs
+            for jj in range(0, num_segs - 1):
+                if REVERSE:
+                    j = num_segs - 1 - jj
+                else:
+                    j = jj
+                p_s = seg_states + (first + j).to(tl.int64) * slot_size + tile
+                contribution = tl.load(p_s)
+                tl.store(p_s, running)
+                running = running * _decay_pow(ld, tl.minimum(seg_len, T - j * seg_len)) + contribution
+            if REVERSE:
+                j_last = 0
+            else:
+                j_last = num_segs - 1
+            tl.store(seg_states + (first + j_last).to(tl.int64) * slot_size + tile, running)
 
 
 @triton.jit
 def lightning_attn_fwd_kernel_output(
-    a, b, c, out, log_decay, start_state, final_state, cu_seqlens, seg_offsets,
-    T, N, H, seg_len, num_segs, scale, state_in_scale, state_out_scale,
+    a, b, c, out, log_decay, start_state, final_state,
+    T, H, seg_len, num_segs, scale, state_in_scale, state_out_scale,
     stride_start_n, stride_start_h, stride_start_a, stride_start_c,
     stride_final_n, stride_final_h, stride_final_a, stride_final_c,
-    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     HAS_START: tl.constexpr, START_PER_SEGMENT: tl.constexpr, STORE_FINAL: tl.constexpr,
     STATE_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The scan itself: walk a segment chunk by chunk and write out [*, H, DC] in the dtype of `out`.
-
-    a, b [*, H, DA]; c [*, H, DC]. Per chunk (rows t, columns s of the chunk):
-        out = scale * (mask o a b^T) c + state_out_scale * diag(gamma^(t+1)) a S        mask = gamma^(t-s), s <= t
-    then S advances (see _chunk_state_update). Backwards the mask is gamma^(s-t), s >= t, and the state weight
-    gamma^(L-1-t). start_state holds S at the start of every segment (START_PER_SEGMENT: [S, H, DA, DC]) or of
-    every sequence ([N, H, DA, DC]), by strides; final_state receives the state after the sequence's last token
-    (first, backwards). Grid (S * H * DC / BV,)."""
+    """The scan itself over an equal-length batch: walk a segment chunk by chunk (`_chunk_output`) and write out
+    [*, H, DC] in the dtype of `out`. a, b [*, H, DA]; c [*, H, DC]. start_state holds S at the start of every
+    segment (START_PER_SEGMENT: [S, H, DA, DC]) or of every sequence ([N, H, DA, DC]), by strides; final_state
+    receives the state after the sequence's last token (first, backwards). Grid (S * H * DC / BV,)."""
     NV: tl.constexpr = DC // BV
     pid = tl.program_id(0)
     i_v = pid % NV
     i_h = (pid // NV) % H
     i_seg = pid // (NV * H)
-    i_n, i_s, ns, bos, seq_len = _locate_segment(i_seg, cu_seqlens, seg_offsets, T, seg_len, num_segs, N,
-                                                 SEARCH_STEPS, IS_VARLEN)
-    if i_s < ns:
+    i_n = i_seg // num_segs
+    i_s = i_seg % num_segs
+    bos = i_n.to(tl.int64) * T
+    ld = tl.load(log_decay + i_h).to(tl.float32)
+    o_t = tl.arange(0, BT)
+    o_a = tl.arange(0, DA)
+    o_c = i_v * BV + tl.arange(0, BV)
+    # The decayed causal mask is the same for every chunk: built once, with the scale folded in.
+    mask = _decayed_causal_mask(ld, o_t, scale, REVERSE)
+
+    if HAS_START:
+        if START_PER_SEGMENT:
+            row = i_seg.to(tl.int64)
+        else:
+            row = i_n.to(tl.int64)
+        p_start = (start_state + row * stride_start_n + i_h * stride_start_h
+                   + o_a[:, None] * stride_start_a + o_c[None, :] * stride_start_c)
+        state = tl.load(p_start).to(tl.float32)
+    else:
+        state = tl.zeros([DA, BV], dtype=tl.float32)
+
+    seg_start = i_s * seg_len
+    n_chunks = tl.cdiv(tl.minimum(seg_len, T - seg_start), BT)
+    for ic in range(0, n_chunks):
+        if REVERSE:
+            t0 = seg_start + (n_chunks - 1 - ic) * BT
+        else:
+            t0 = seg_start + ic * BT
+        state = _chunk_output(state, a, b, c, out, (bos + t0) * H + i_h, tl.minimum(BT, T - t0), mask, ld, o_t, o_a,
+                              o_c, state_in_scale, state_out_scale, H, DA, DC, REVERSE, STATE_DOT_FP32,
+                              DOT_PRECISION)
+
+    if STORE_FINAL:
+        if REVERSE:
+            is_end = i_s == 0
+        else:
+            is_end = i_s == num_segs - 1
+        if is_end:
+            p_final = (final_state + i_n.to(tl.int64) * stride_final_n + i_h * stride_final_h
+                       + o_a[:, None] * stride_final_a + o_c[None, :] * stride_final_c)
+            tl.store(p_final, state)
+
+
+@triton.jit
+def _chunk_entry(chunk_table, chunk):
+    """(first token, real rows, sequence, flags) of one chunk of a packed batch."""
+    p = chunk_table + 4 * chunk
+    return tl.load(p), tl.load(p + 1), tl.load(p + 2).to(tl.int64), tl.load(p + 3)
+
+
+@triton.jit
+def lightning_attn_fwd_kernel_output_packed(
+    a, b, c, out, log_decay, range_states, initial_state, final_state, chunk_table, range_table,
+    H, scale, state_in_scale, state_out_scale,
+    stride_range_n, stride_range_h, stride_range_a, stride_range_c,
+    stride_init_n, stride_init_h, stride_init_a, stride_init_c,
+    stride_final_n, stride_final_h, stride_final_a, stride_final_c,
+    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_RANGE_STATES: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    STATE_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The scan over a packed batch: one program per (range of chunks, head, BV columns) walks its chunks in one
+    loop (backwards: last to first). Where a sequence opens (its first chunk; its last, backwards) the state
+    becomes its initial state (or zeros); where it closes, the state goes to final_state. A range that opens inside
+    a sequence starts from range_states [ranges + 1, H, DA, DC] (entry p forwards, p + 1 backwards).
+    initial_state / final_state [N, H, DA, DC] by strides. Grid (ranges * H * DC / BV,)."""
+    NV: tl.constexpr = DC // BV
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_h = (pid // NV) % H
+    i_p = pid // (NV * H)
+    c_begin = tl.load(range_table + i_p)
+    c_end = tl.load(range_table + i_p + 1)
+    if c_begin < c_end:
         ld = tl.load(log_decay + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_a = tl.arange(0, DA)
         o_c = i_v * BV + tl.arange(0, BV)
-        # The decayed causal mask is the same for every chunk: built once, with the scale folded in.
+        mask = _decayed_causal_mask(ld, o_t, scale, REVERSE)
         if REVERSE:
-            dist = o_t[None, :] - o_t[:, None]
+            opens_flag, closes_flag, edge, entry = 2, 1, c_end - 1, i_p + 1
         else:
-            dist = o_t[:, None] - o_t[None, :]
-        mask = tl.where(dist >= 0, _decay_pow(ld, tl.maximum(dist, 0)) * scale, 0.0)
-
-        if HAS_START:
-            if START_PER_SEGMENT:
-                row = i_seg.to(tl.int64)
-            else:
-                row = i_n.to(tl.int64)
-            p_start = (start_state + row * stride_start_n + i_h * stride_start_h
-                       + o_a[:, None] * stride_start_a + o_c[None, :] * stride_start_c)
-            state = tl.load(p_start).to(tl.float32)
+            opens_flag, closes_flag, edge, entry = 1, 2, c_begin, i_p
+        state = tl.zeros([DA, BV], dtype=tl.float32)
+        if HAS_RANGE_STATES:
+            if (tl.load(chunk_table + 4 * edge + 3) & opens_flag) == 0:
+                p_range = (range_states + entry.to(tl.int64) * stride_range_n + i_h * stride_range_h
+                           + o_a[:, None] * stride_range_a + o_c[None, :] * stride_range_c)
+                state = tl.load(p_range)
+        # Tile-shaped flags for the masks (the interpreter rejects a scalar bool broadcast into a mask).
+        tile_zero = o_a[:, None] * 0 + o_c[None, :] * 0
+        # The table entry of the next chunk is loaded one iteration ahead: the chunk's loads depend on its first
+        # token, and a load issued in the loop body would put a dependent round trip in front of every chunk.
+        if REVERSE:
+            step = -1
         else:
-            state = tl.zeros([DA, BV], dtype=tl.float32)
-
-        seg_start = i_s * seg_len
-        n_chunks = tl.cdiv(tl.minimum(seg_len, seq_len - seg_start), BT)
-        for ic in range(0, n_chunks):
-            if REVERSE:
-                t0 = seg_start + (n_chunks - 1 - ic) * BT
+            step = 1
+        tok_next, length_next, seq_next, flags_next = _chunk_entry(chunk_table, edge)
+        for i in range(0, c_end - c_begin):
+            tok, length, seq, flags = tok_next, length_next, seq_next, flags_next
+            ahead = tl.minimum(tl.maximum(edge + step * (i + 1), c_begin), c_end - 1)
+            tok_next, length_next, seq_next, flags_next = _chunk_entry(chunk_table, ahead)
+            opens = (flags & opens_flag) != 0
+            if HAS_INITIAL:
+                p_init = (initial_state + seq * stride_init_n + i_h * stride_init_h
+                          + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
+                init = tl.load(p_init, mask=((tile_zero + flags) & opens_flag) != 0, other=0.0)
+                state = tl.where(opens, init.to(tl.float32), state)
             else:
-                t0 = seg_start + ic * BT
-            length = tl.minimum(BT, seq_len - t0)
-            # 64-bit offset of the chunk's first row; 32-bit offsets within the chunk.
-            rows = (bos + t0) * H + i_h
-            row_ok = (o_t < length)[:, None]
-            ab_offsets = o_t[:, None] * (H * DA) + o_a[None, :]
-            c_offsets = o_t[:, None] * (H * DC) + o_c[None, :]
-            a_blk = tl.load(a + rows * DA + ab_offsets, mask=row_ok, other=0.0)
-            b_blk = tl.load(b + rows * DA + ab_offsets, mask=row_ok, other=0.0)
-            c_blk = tl.load(c + rows * DC + c_offsets, mask=row_ok, other=0.0)
-
-            scores = tl.dot(a_blk, tl.trans(b_blk), input_precision=DOT_PRECISION) * mask
-            acc = tl.dot(scores.to(c_blk.dtype), c_blk, input_precision=DOT_PRECISION)
-            if REVERSE:
-                steps = length - 1 - o_t
-            else:
-                steps = o_t + 1
-            row_weight = tl.where(o_t < length, _decay_pow(ld, tl.maximum(steps, 0)), 0.0) * state_out_scale
-            if STATE_DOT_FP32:
-                inter = tl.dot(a_blk.to(tl.float32), state, input_precision=DOT_PRECISION)
-            else:
-                inter = tl.dot(a_blk, state.to(a_blk.dtype))
-            acc += inter * row_weight[:, None]
-            p_o = out + rows * DC + c_offsets
-            tl.store(p_o, acc.to(p_o.dtype.element_ty), mask=row_ok)
-
-            state = _chunk_state_update(state, b_blk, c_blk, o_t, length, ld, state_in_scale, REVERSE, DOT_PRECISION)
-
-        if STORE_FINAL:
-            if REVERSE:
-                is_end = i_s == 0
-            else:
-                is_end = i_s == ns - 1
-            if is_end:
-                p_final = (final_state + i_n.to(tl.int64) * stride_final_n + i_h * stride_final_h
+                state = tl.where(opens, 0.0, state)
+            state = _chunk_output(state, a, b, c, out, tok.to(tl.int64) * H + i_h, length, mask, ld, o_t, o_a, o_c,
+                                  state_in_scale, state_out_scale, H, DA, DC, REVERSE, STATE_DOT_FP32,
+                                  DOT_PRECISION)
+            if STORE_FINAL:
+                p_final = (final_state + seq * stride_final_n + i_h * stride_final_h
                            + o_a[:, None] * stride_final_a + o_c[None, :] * stride_final_c)
-                tl.store(p_final, state)
+                tl.store(p_final, state, mask=((tile_zero + flags) & closes_flag) != 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,52 +588,92 @@ def lightning_attn_fwd_kernel_output(
 
 @dataclass(frozen=True)
 class _Segments:
-    """How the sequences are cut for one launch (a pure function of shapes and the device).
+    """How an equal-length batch is cut for one launch (a pure function of shapes and the device).
 
-    seg_len: tokens per segment (a multiple of CHUNK), num_segs: segments per sequence (equal-length batches),
-    seg_offsets: [N + 1] first segment of every sequence (packed batches), grid_segments: segments launched
-    (an upper bound for packed batches; extra programs exit at once), single: one segment per sequence."""
+    seg_len: tokens per segment (a multiple of CHUNK), num_segs: segments per sequence, single: one segment per
+    sequence (only the output stage runs)."""
     N: int
     T: int
     seg_len: int
     num_segs: int
-    seg_offsets: Optional[Tensor]
-    grid_segments: int
     single: bool
-    search_steps: int
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """How a packed batch is cut (see the module docstring): device tables plus the host-side bounds that size the
+    launches. seg_len: tokens per state segment; ranges: output ranges launched (the tables may leave the last ones
+    empty); max_chunks: bound on the chunk count (T // CHUNK + N); single: one range, so no range starts inside
+    a sequence and the segment stages are skipped."""
+    N: int
+    T: int
+    seg_len: int
+    ranges: int
+    max_chunks: int
+    cu_seqlens: Tensor
+    chunk_offsets: Tensor  # [N + 1] first chunk of every sequence
+    seg_offsets: Tensor  # [N + 1] first segment of every sequence
+    chunk_table: Tensor  # [max_chunks, 4] (first token, real rows, sequence, flags)
+    range_table: Tensor  # [ranges + 1] first chunk of every range; the chunk count past the last range
+    cut_seqs: Tensor  # [ranges] the sequences a range starts inside
+    cut_fwd: Tensor  # [ranges + 1] offsets of their segments in the forwards segment-stage work list
+    cut_rev: Tensor  # [ranges + 1] the same for the backwards stages
+    meta: Tensor  # [3] (chunks, chunks per range, cut sequences)
+    single: bool
 
 
 def _resident_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * sm_count(device)
 
 
-def _plan_segments(T: int, N: int, H: int, DC: int, cu_seqlens: Optional[Tensor], device: torch.device,
-                   segment_len: Optional[int]) -> _Segments:
-    """Cut sequences so that (segments x heads x column tiles) roughly fills the resident programs.
+def _checked_segment_len(segment_len: int) -> int:
+    if segment_len <= 0 or segment_len % CHUNK:
+        raise ValueError(f"segment_len must be a positive multiple of {CHUNK}, got {segment_len}")
+    return segment_len
 
-    T is the padded length (equal-length batch) or the packed token count (cu_seqlens)."""
-    tiles = H * (DC // _block_v(DC))
-    target = _resident_programs(device)
+
+def _plan_segments(T: int, N: int, H: int, DC: int, device: torch.device, segment_len: Optional[int]) -> _Segments:
+    """Cut N sequences of T tokens so that (segments x heads x column tiles) roughly fills the resident programs."""
     if segment_len is not None:
-        if segment_len <= 0 or segment_len % CHUNK:
-            raise ValueError(f"segment_len must be a positive multiple of {CHUNK}, got {segment_len}")
-        seg_len = segment_len
-    elif cu_seqlens is None:
-        num_segs = max(1, min(target // max(1, N * tiles), triton.cdiv(T, MIN_SEGMENT)))
-        seg_len = triton.cdiv(triton.cdiv(max(T, 1), num_segs), CHUNK) * CHUNK
+        seg_len = _checked_segment_len(segment_len)
     else:
-        seg_len = max(MIN_SEGMENT, triton.cdiv(triton.cdiv(T * tiles, target), CHUNK) * CHUNK)
-    if cu_seqlens is None:
-        num_segs = max(1, triton.cdiv(T, seg_len))
-        return _Segments(N, T, seg_len, num_segs, None, N * num_segs, num_segs == 1, 0)
-    if seg_len >= T:  # no packed sequence is longer than the whole row
-        return _Segments(N, T, seg_len, 1, None, N, True, 0)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    per_seq = ((lengths + seg_len - 1) // seg_len).clamp_min(1)
-    seg_offsets = torch.zeros(N + 1, dtype=torch.int32, device=device)
-    seg_offsets[1:] = torch.cumsum(per_seq, 0)
-    # Every sequence has at most floor(len / seg_len) + 1 segments, so T // seg_len + N bounds the total.
-    return _Segments(N, T, seg_len, 0, seg_offsets, T // seg_len + N, False, max(1, N.bit_length()))
+        tiles = H * (DC // _block_v(DC))
+        num_segs = max(1, min(_resident_programs(device) // max(1, N * tiles), triton.cdiv(T, MIN_SEGMENT)))
+        seg_len = triton.cdiv(triton.cdiv(max(T, 1), num_segs), CHUNK) * CHUNK
+    num_segs = max(1, triton.cdiv(T, seg_len))
+    return _Segments(N, T, seg_len, num_segs, num_segs == 1)
+
+
+def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optional[int]) -> _Packed:
+    """Build the chunk and range tables of N packed sequences (T tokens) on the device.
+
+    By default the chunks are shared by as many ranges as fill the resident programs with H x column-tile programs
+    each; segment_len fixes the range size instead (segment_len / CHUNK chunks)."""
+    N = cu_seqlens.numel() - 1
+    device = cu_seqlens.device
+    max_chunks = T // CHUNK + N  # sum of ceil(len / CHUNK), an empty sequence counting one chunk
+    if segment_len is not None:
+        range_chunks = _checked_segment_len(segment_len) // CHUNK
+        ranges = triton.cdiv(max_chunks, range_chunks)
+        seg_chunks = min(SEGMENT_CHUNKS, range_chunks)  # a segment never spans two range starts
+    else:
+        range_chunks = 0  # chosen on the device: max(SEGMENT_CHUNKS, ceil(chunks / ranges))
+        ranges = max(1, _resident_programs(device) // (H * (DC // _block_v(DC))))
+        seg_chunks = SEGMENT_CHUNKS
+    max_segments = max_chunks // seg_chunks + N
+    sizes = [N + 1, N + 1, 4 * max_chunks, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
+    ints = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+    chunk_offsets, seg_offsets, chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta = torch.split(ints, sizes)
+    lightning_attn_packed_offsets_kernel[(1,)](
+        cu_seqlens, chunk_offsets, seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, meta, N, ranges,
+        range_chunks, SEG_CHUNKS=seg_chunks, BT=CHUNK, BLOCK=TABLE_BLOCK,
+    )
+    lightning_attn_packed_tables_kernel[(triton.cdiv(max(max_chunks, max_segments), TABLE_BLOCK),)](
+        cu_seqlens, chunk_offsets, seg_offsets, chunk_table, range_table, meta, N,
+        SEG_CHUNKS=seg_chunks, BT=CHUNK, SEARCH_STEPS=max(1, N.bit_length()), BLOCK=TABLE_BLOCK,
+    )
+    return _Packed(N, T, seg_chunks * CHUNK, ranges, max_chunks, cu_seqlens, chunk_offsets, seg_offsets,
+                   chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta, ranges == 1)
 
 
 def _block_v(DC: int) -> int:
@@ -384,68 +685,94 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _strides(t: Optional[Tensor]) -> tuple[int, int, int, int]:
+    return t.stride() if t is not None else (0, 0, 0, 0)
+
+
 def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scale: float,
-                          initial: Optional[Tensor], plan: _Segments, cu_seqlens: Optional[Tensor],
-                          reverse: bool) -> Tensor:
-    """Start state of every segment: [grid_segments, H, DA, DC] fp32 (b [B, T, H, DA], c [B, T, H, DC])."""
+                          initial: Optional[Tensor], plan: _Segments | _Packed, reverse: bool) -> Tensor:
+    """The start states the output stage needs (b [B, T, H, DA], c [B, T, H, DC]): every segment's
+    [N * num_segs, H, DA, DC] fp32 for an equal-length batch, every range's [ranges + 1, H, DA, DC] for a packed
+    one (entries of ranges that open a sequence are left unwritten)."""
     H, DA, DC = b.shape[2], b.shape[3], c.shape[3]
     BV = _block_v(DC)
-    seg_states = torch.empty(plan.grid_segments, H, DA, DC, dtype=torch.float32, device=b.device)
-    lightning_attn_fwd_kernel_segment_states[(plan.grid_segments * H * (DC // BV),)](
-        b, c, log_decay, seg_states, cu_seqlens, plan.seg_offsets,
-        plan.T, plan.N, H, plan.seg_len, plan.num_segs, state_in_scale,
-        DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None,
-        SEARCH_STEPS=plan.search_steps, DOT_PRECISION=_dot_precision(b.dtype), num_warps=STATES_WARPS,
+    tiles = H * (DC // BV)
+    if isinstance(plan, _Packed):
+        seg_chunks = plan.seg_len // CHUNK
+        seg_states = torch.empty(plan.max_chunks // seg_chunks + 1, H, DA, DC, dtype=torch.float32, device=b.device)
+        starts = torch.empty(plan.ranges + 1, H, DA, DC, dtype=torch.float32, device=b.device)
+        # Work items: the needed segments (at most all whole ones, plus one per cut) x tiles, shared by the programs.
+        states_grid = min((plan.max_chunks // seg_chunks + plan.ranges) * tiles, 2 * _resident_programs(b.device))
+        scan_grid = max(1, plan.ranges - 1) * tiles
+        tables = (plan.cu_seqlens, plan.seg_offsets, plan.chunk_offsets, plan.cut_seqs)
+        cut_first, meta = (plan.cut_rev if reverse else plan.cut_fwd), plan.meta
+        num_segs, cut_search_steps = 0, max(1, plan.ranges.bit_length())
+    else:
+        seg_states = starts = torch.empty(plan.N * plan.num_segs, H, DA, DC, dtype=torch.float32, device=b.device)
+        states_grid, scan_grid = plan.N * plan.num_segs * tiles, plan.N * tiles
+        tables, cut_first, meta = (None, None, None, None), None, None
+        num_segs, cut_search_steps = plan.num_segs, 0
+    lightning_attn_fwd_kernel_segment_states[(states_grid,)](
+        b, c, log_decay, seg_states, *tables, cut_first, meta, plan.T, H, plan.seg_len, num_segs, state_in_scale,
+        DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, IS_VARLEN=meta is not None,
+        CUT_SEARCH_STEPS=cut_search_steps, DOT_PRECISION=_dot_precision(b.dtype), num_warps=STATES_WARPS,
         num_stages=STATES_STAGES,
     )
-    init_strides = initial.stride() if initial is not None else (0, 0, 0, 0)
-    lightning_attn_fwd_kernel_segment_scan[(plan.N * H * (DC // BV),)](
-        log_decay, seg_states, initial, cu_seqlens, plan.seg_offsets,
-        plan.T, plan.N, H, plan.seg_len, plan.num_segs, *init_strides,
-        DA=DA, DC=DC, BV=BV, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, HAS_INITIAL=initial is not None,
-        num_warps=4,
+    lightning_attn_fwd_kernel_segment_scan[(scan_grid,)](
+        log_decay, seg_states, starts, initial, *tables, meta, plan.T, H, plan.seg_len, num_segs,
+        *_strides(initial), DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, IS_VARLEN=meta is not None,
+        HAS_INITIAL=initial is not None, num_warps=4,
     )
-    return seg_states
+    return starts
 
 
 def _scan(a: Tensor, b: Tensor, c: Tensor, log_decay: Tensor, scale: float, state_in_scale: float,
-          state_out_scale: float, start: Optional[Tensor], plan: _Segments, cu_seqlens: Optional[Tensor],
+          state_out_scale: float, starts: Optional[Tensor], initial: Optional[Tensor], plan: _Segments | _Packed,
           reverse: bool, final: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """Run the output stage. a, b [B, T, H, DA]; c [B, T, H, DC] -> out [B, T, H, DC] in out_dtype.
 
-    start: per-segment start states (plan not single) or per-sequence ones [N, H, DA, DC] (any strides), or None;
-    final: [N, H, DA, DC] (any strides) receives the end state, or None."""
+    starts: what `_segment_start_states` returned (None when plan.single); initial: [N, H, DA, DC] start of every
+    sequence (any strides) or None (zeros); final: [N, H, DA, DC] (any strides) receives the end state, or None."""
     H, DA, DC = a.shape[2], a.shape[3], c.shape[3]
     BV = _block_v(DC)
     out = torch.empty(c.shape, dtype=out_dtype, device=c.device)
-    start_strides = start.stride() if start is not None else (0, 0, 0, 0)
-    final_strides = final.stride() if final is not None else (0, 0, 0, 0)
-    lightning_attn_fwd_kernel_output[(plan.grid_segments * H * (DC // BV),)](
-        a, b, c, out, log_decay, start, final, cu_seqlens, plan.seg_offsets,
-        plan.T, plan.N, H, plan.seg_len, plan.num_segs, scale, state_in_scale, state_out_scale,
-        *start_strides, *final_strides,
-        DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, IS_VARLEN=cu_seqlens is not None,
-        SEARCH_STEPS=plan.search_steps, HAS_START=start is not None, START_PER_SEGMENT=not plan.single,
-        STORE_FINAL=final is not None, STATE_DOT_FP32=a.dtype != torch.bfloat16,
-        DOT_PRECISION=_dot_precision(a.dtype), num_warps=OUTPUT_WARPS, num_stages=OUTPUT_STAGES,
-    )
+    common = dict(DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, STORE_FINAL=final is not None,
+                  STATE_DOT_FP32=a.dtype != torch.bfloat16, DOT_PRECISION=_dot_precision(a.dtype),
+                  num_warps=OUTPUT_WARPS, num_stages=OUTPUT_STAGES)
+    if isinstance(plan, _Packed):
+        lightning_attn_fwd_kernel_output_packed[(plan.ranges * H * (DC // BV),)](
+            a, b, c, out, log_decay, starts, initial, final, plan.chunk_table, plan.range_table,
+            H, scale, state_in_scale, state_out_scale, *_strides(starts), *_strides(initial), *_strides(final),
+            HAS_RANGE_STATES=starts is not None, HAS_INITIAL=initial is not None, **common,
+        )
+    else:
+        start = starts if not plan.single else initial
+        lightning_attn_fwd_kernel_output[(plan.N * plan.num_segs * H * (DC // BV),)](
+            a, b, c, out, log_decay, start, final, plan.T, H, plan.seg_len, plan.num_segs,
+            scale, state_in_scale, state_out_scale, *_strides(start), *_strides(final),
+            HAS_START=start is not None, START_PER_SEGMENT=not plan.single, **common,
+        )
     return out
 
 
+def _plan(q: Tensor, DC: int, cu_seqlens: Optional[Tensor], segment_len: Optional[int]) -> _Segments | _Packed:
+    B, T, H, _ = q.shape
+    if cu_seqlens is not None:
+        return _plan_packed(T, cu_seqlens, H, DC, segment_len)
+    return _plan_segments(T, B, H, DC, q.device, segment_len)
+
+
 def _prepare(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, cu_seqlens: Optional[Tensor],
-             segment_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], _Segments]:
+             segment_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor],
+                                                  _Segments | _Packed]:
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"lightning_chunk: {reason}")
-    B, T, H, _ = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     log_decay = log_decay.to(torch.float32).contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
-        plan = _plan_segments(T, cu_seqlens.numel() - 1, H, v.shape[-1], cu_seqlens, q.device, segment_len)
-    else:
-        plan = _plan_segments(T, B, H, v.shape[-1], None, q.device, segment_len)
-    return q, k, v, log_decay, cu_seqlens, plan
+    return q, k, v, log_decay, cu_seqlens, _plan(q, v.shape[-1], cu_seqlens, segment_len)
 
 
 def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
@@ -460,18 +787,16 @@ def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         initial_state: [N, H, K, V] float32 or None (zeros).
         cu_seqlens: [N + 1] int offsets of N sequences packed in row 0 (B == 1), or None (N = B).
         output_final_state: also return the state after each sequence's last token.
-        segment_len: tokens per parallel segment (a multiple of 64); default chosen from the shapes and device.
+        segment_len: tokens per parallel segment (packed: per range of chunks), a multiple of 64; default chosen
+            from the shapes and the device.
     Returns:
         o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32 or None.
     """
     q, k, v, log_decay, cu_seqlens, plan = _prepare(q, k, v, log_decay, cu_seqlens, segment_len)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     final = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    if plan.single:
-        start = initial_state
-    else:
-        start = _segment_start_states(k, v, log_decay, 1.0, initial_state, plan, cu_seqlens, reverse=False)
-    o = _scan(q, k, v, log_decay, scale, 1.0, scale, start, plan, cu_seqlens, False, final, q.dtype)
+    starts = None if plan.single else _segment_start_states(k, v, log_decay, 1.0, initial_state, plan, False)
+    o = _scan(q, k, v, log_decay, scale, 1.0, scale, starts, initial_state, plan, False, final, q.dtype)
     return o, final
 
 
@@ -490,37 +815,24 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     """
     q, k, v, log_decay, cu_seqlens, plan_v = _prepare(q, k, v, log_decay, cu_seqlens, segment_len)
     do = do.to(q.dtype).contiguous()
-    B, T, H, K = q.shape
-    V = v.shape[3]
-    if K == V:
-        plan_k = plan_v
-    elif cu_seqlens is None:
-        plan_k = _plan_segments(T, B, H, K, None, q.device, segment_len)
-    else:
-        plan_k = _plan_segments(T, cu_seqlens.numel() - 1, H, K, cu_seqlens, q.device, segment_len)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    plan_k = plan_v if K == V else _plan(q, K, cu_seqlens, segment_len)
 
     # dq: forwards scan of (do, v, k) over the transposed forward state.
     initial_t = initial_state.transpose(-1, -2) if initial_state is not None else None
-    if plan_k.single:
-        start_t = initial_t
-    else:
-        start_t = _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, cu_seqlens, reverse=False)
-    dq = _scan(do, v, k, log_decay, scale, 1.0, scale, start_t, plan_k, cu_seqlens, False, None, q.dtype)
+    starts_t = None if plan_k.single else _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, False)
+    dq = _scan(do, v, k, log_decay, scale, 1.0, scale, starts_t, initial_t, plan_k, False, None, q.dtype)
 
     # dv and dk: backwards scans over the adjoint state dS [K, V] and its transpose.
-    if plan_v.single:
-        adjoint_v = dfinal_state
-    else:
-        adjoint_v = _segment_start_states(q, do, log_decay, scale, dfinal_state, plan_v, cu_seqlens, reverse=True)
+    adjoint_v = None if plan_v.single else _segment_start_states(q, do, log_decay, scale, dfinal_state, plan_v, True)
     dinitial = (torch.empty(plan_v.N, H, K, V, dtype=torch.float32, device=q.device)
                 if initial_state is not None else None)
-    dv = _scan(k, q, do, log_decay, scale, scale, 1.0, adjoint_v, plan_v, cu_seqlens, True, dinitial, q.dtype)
+    dv = _scan(k, q, do, log_decay, scale, scale, 1.0, adjoint_v, dfinal_state, plan_v, True, dinitial, q.dtype)
 
+    dfinal_t = dfinal_state.transpose(-1, -2) if dfinal_state is not None else None
     if plan_k is plan_v:
         adjoint_k = adjoint_v.transpose(-1, -2) if adjoint_v is not None else None
     else:
-        dfinal_t = dfinal_state.transpose(-1, -2) if dfinal_state is not None else None
-        adjoint_k = (dfinal_t if plan_k.single else
-                     _segment_start_states(do, q, log_decay, scale, dfinal_t, plan_k, cu_seqlens, reverse=True))
-    dk = _scan(v, do, q, log_decay, scale, scale, 1.0, adjoint_k, plan_k, cu_seqlens, True, None, q.dtype)
+        adjoint_k = None if plan_k.single else _segment_start_states(do, q, log_decay, scale, dfinal_t, plan_k, True)
+    dk = _scan(v, do, q, log_decay, scale, scale, 1.0, adjoint_k, dfinal_t, plan_k, True, None, q.dtype)
     return dq, dk, dv, dinitial
