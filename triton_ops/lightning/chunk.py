@@ -57,6 +57,7 @@ BLOCK_V = 64  # BV: state columns per program; the [K, BV] fp32 state takes K * 
 PROGRAMS_PER_SM = 2  # output-stage programs resident per SM; segmenting aims at filling exactly these
 OUTPUT_WARPS, OUTPUT_STAGES = 4, 2
 STATES_WARPS, STATES_STAGES = 4, 3
+SCAN_ROWS = 32  # BR: state rows per segment-scan program (four [32, 64] fp32 tiles in flight per thread block)
 
 
 def _interpreting() -> bool:
@@ -364,26 +365,69 @@ def lightning_attn_fwd_kernel_segment_states(
 
 
 @triton.jit
+def _scan_segment(step, ns, REVERSE: tl.constexpr):
+    """Segment folded at `step` of a sequence's scan (backwards the scan starts at the last segment)."""
+    if REVERSE:
+        return ns - 1 - step
+    else:
+        return step
+
+
+@triton.jit
+def _scan_contribution(seg_states, step, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero, slot_size,
+                       IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """Load the contribution folded at `step` (zeros past n_steps). Packed slots are first chunk // segment chunks;
+    equal-length ones are indexed by segment (first_chunk = the sequence's first segment, seg_chunks = 1)."""
+    slot = (first_chunk + _scan_segment(step, ns, REVERSE) * seg_chunks) // seg_chunks
+    return tl.load(seg_states + slot.to(tl.int64) * slot_size + tile, mask=(tile_zero + step) < n_steps, other=0.0)
+
+
+@triton.jit
+def _scan_fold(running, contribution, step, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size, first_chunk,
+               seg_chunks, range_chunks, IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """One step of a sequence's scan. Equal-length: store the segment's start state in place, then fold. Packed:
+    fold, then store the state where the next segment starts a range."""
+    if step < n_steps:
+        j = _scan_segment(step, ns, REVERSE)
+        if IS_VARLEN:
+            running = running * _decay_pow(ld, tl.minimum(seg_len, seq_len - j * seg_len)) + contribution
+            if REVERSE:
+                next_chunk = first_chunk + j * seg_chunks  # the state now enters segment j - 1
+            else:
+                next_chunk = first_chunk + (j + 1) * seg_chunks
+            if next_chunk // range_chunks > (next_chunk - seg_chunks) // range_chunks:
+                tl.store(starts + (next_chunk // range_chunks).to(tl.int64) * slot_size + tile, running)
+        else:
+            tl.store(starts + (first_chunk + j).to(tl.int64) * slot_size + tile, running)
+            running = running * _decay_pow(ld, tl.minimum(seg_len, seq_len - j * seg_len)) + contribution
+    return running
+
+
+@triton.jit
 def lightning_attn_fwd_kernel_segment_scan(
     log_decay, seg_states, starts, initial_state, cu_seqlens, seg_offsets, chunk_offsets, cut_seqs, packed_meta,
     T, H, seg_len, num_segs,
     stride_init_n, stride_init_h, stride_init_a, stride_init_c,
-    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DA: tl.constexpr, DC: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_INITIAL: tl.constexpr,
 ):
-    """Turn segment contributions into start states, one sequence per program. Grid (sequences * H * DC / BV,).
+    """Turn segment contributions into start states, one sequence per program and [BR, BV] tile of the state (the
+    scan is element-wise). Grid (sequences * H * DA / BR * DC / BV,).
 
     Equal-length batches: starts is seg_states itself, rewritten in place with every segment's start state (start
     of the first segment, the last backwards, = the initial state; each next start = gamma^len * previous start +
     previous contribution). Packed: programs walk the cut sequences (the grid covers the bound ranges - 1); starts
     [ranges + 1, H, DA, DC] receives, for every range that begins inside the sequence, the state at its first chunk
     (forwards) or after its last chunk (backwards, stored at the next range's index). initial_state [N, H, DA, DC]
-    by strides (it may be a transposed view)."""
+    by strides (it may be a transposed view). The loop loads four contributions before it folds them: the loads
+    do not wait on each other, only the folds do."""
+    NR: tl.constexpr = DA // BR
     NV: tl.constexpr = DC // BV
     pid = tl.program_id(0)
-    i_v = pid % NV
-    i_h = (pid // NV) % H
-    k = pid // (NV * H)
+    i_r = pid % NR
+    i_v = (pid // NR) % NV
+    i_h = (pid // (NR * NV)) % H
+    k = pid // (NR * NV * H)
     if IS_VARLEN:
         active = k < tl.load(packed_meta + 2)
         i_n = tl.load(cut_seqs + k, mask=active, other=0)
@@ -392,15 +436,16 @@ def lightning_attn_fwd_kernel_segment_scan(
         i_n = k
     if active:
         ld = tl.load(log_decay + i_h).to(tl.float32)
-        o_a = tl.arange(0, DA)
+        o_a = i_r * BR + tl.arange(0, BR)
         o_c = i_v * BV + tl.arange(0, BV)
         if HAS_INITIAL:
             p_init = (initial_state + i_n.to(tl.int64) * stride_init_n + i_h * stride_init_h
                       + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
             running = tl.load(p_init).to(tl.float32)
         else:
-            running = tl.zeros([DA, BV], dtype=tl.float32)
+            running = tl.zeros([BR, BV], dtype=tl.float32)
         tile = (i_h * DA + o_a[:, None]) * DC + o_c[None, :]
+        tile_zero = o_a[:, None] * 0 + o_c[None, :] * 0
         slot_size = H * DA * DC
         if IS_VARLEN:
             ns = tl.load(seg_offsets + i_n + 1) - tl.load(seg_offsets + i_n)
@@ -413,35 +458,36 @@ def lightning_attn_fwd_kernel_segment_scan(
                 n_steps = ns - j_stop
             else:
                 n_steps = j_stop
-            for step in range(0, n_steps):
-                if REVERSE:
-                    j = ns - 1 - step  # fold segment j: the state now enters segment j - 1
-                    j_next = j
-                else:
-                    j = step  # fold segment j: the state now enters segment j + 1
-                    j_next = j + 1
-                seg_chunk = first_chunk + j * seg_chunks
-                contribution = tl.load(seg_states + (seg_chunk // seg_chunks).to(tl.int64) * slot_size + tile)
-                running = running * _decay_pow(ld, tl.minimum(seg_len, seq_len - j * seg_len)) + contribution
-                next_chunk = first_chunk + j_next * seg_chunks
-                if next_chunk // range_chunks > (next_chunk - seg_chunks) // range_chunks:
-                    tl.store(starts + (next_chunk // range_chunks).to(tl.int64) * slot_size + tile, running)
         else:
-            first = i_n * num_segs
-            for jj in range(0, num_segs - 1):
-                if REVERSE:
-                    j = num_segs - 1 - jj
-                else:
-                    j = jj
-                p_s = seg_states + (first + j).to(tl.int64) * slot_size + tile
-                contribution = tl.load(p_s)
-                tl.store(p_s, running)
-                running = running * _decay_pow(ld, tl.minimum(seg_len, T - j * seg_len)) + contribution
+            ns = num_segs
+            seq_len = T
+            seg_chunks = 1
+            first_chunk = i_n * num_segs
+            range_chunks = 1
+            n_steps = num_segs - 1
+        for step in range(0, n_steps, 4):
+            c0 = _scan_contribution(seg_states, step, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
+                                    slot_size, IS_VARLEN, REVERSE)
+            c1 = _scan_contribution(seg_states, step + 1, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
+                                    slot_size, IS_VARLEN, REVERSE)
+            c2 = _scan_contribution(seg_states, step + 2, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
+                                    slot_size, IS_VARLEN, REVERSE)
+            c3 = _scan_contribution(seg_states, step + 3, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
+                                    slot_size, IS_VARLEN, REVERSE)
+            running = _scan_fold(running, c0, step, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size,
+                                 first_chunk, seg_chunks, range_chunks, IS_VARLEN, REVERSE)
+            running = _scan_fold(running, c1, step + 1, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size,
+                                 first_chunk, seg_chunks, range_chunks, IS_VARLEN, REVERSE)
+            running = _scan_fold(running, c2, step + 2, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size,
+                                 first_chunk, seg_chunks, range_chunks, IS_VARLEN, REVERSE)
+            running = _scan_fold(running, c3, step + 3, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size,
+                                 first_chunk, seg_chunks, range_chunks, IS_VARLEN, REVERSE)
+        if not IS_VARLEN:
             if REVERSE:
                 j_last = 0
             else:
                 j_last = num_segs - 1
-            tl.store(seg_states + (first + j_last).to(tl.int64) * slot_size + tile, running)
+            tl.store(starts + (first_chunk + j_last).to(tl.int64) * slot_size + tile, running)
 
 
 @triton.jit
@@ -696,6 +742,7 @@ def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scal
     one (entries of ranges that open a sequence are left unwritten)."""
     H, DA, DC = b.shape[2], b.shape[3], c.shape[3]
     BV = _block_v(DC)
+    BR = min(SCAN_ROWS, DA)
     tiles = H * (DC // BV)
     if isinstance(plan, _Packed):
         seg_chunks = plan.seg_len // CHUNK
@@ -703,13 +750,13 @@ def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scal
         starts = torch.empty(plan.ranges + 1, H, DA, DC, dtype=torch.float32, device=b.device)
         # Work items: the needed segments (at most all whole ones, plus one per cut) x tiles, shared by the programs.
         states_grid = min((plan.max_chunks // seg_chunks + plan.ranges) * tiles, 2 * _resident_programs(b.device))
-        scan_grid = max(1, plan.ranges - 1) * tiles
+        scan_grid = max(1, plan.ranges - 1) * tiles * (DA // BR)
         tables = (plan.cu_seqlens, plan.seg_offsets, plan.chunk_offsets, plan.cut_seqs)
         cut_first, meta = (plan.cut_rev if reverse else plan.cut_fwd), plan.meta
         num_segs, cut_search_steps = 0, max(1, plan.ranges.bit_length())
     else:
         seg_states = starts = torch.empty(plan.N * plan.num_segs, H, DA, DC, dtype=torch.float32, device=b.device)
-        states_grid, scan_grid = plan.N * plan.num_segs * tiles, plan.N * tiles
+        states_grid, scan_grid = plan.N * plan.num_segs * tiles, plan.N * tiles * (DA // BR)
         tables, cut_first, meta = (None, None, None, None), None, None
         num_segs, cut_search_steps = plan.num_segs, 0
     lightning_attn_fwd_kernel_segment_states[(states_grid,)](
@@ -720,7 +767,7 @@ def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scal
     )
     lightning_attn_fwd_kernel_segment_scan[(scan_grid,)](
         log_decay, seg_states, starts, initial, *tables, meta, plan.T, H, plan.seg_len, num_segs,
-        *_strides(initial), DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, IS_VARLEN=meta is not None,
+        *_strides(initial), DA=DA, DC=DC, BT=CHUNK, BR=BR, BV=BV, REVERSE=reverse, IS_VARLEN=meta is not None,
         HAS_INITIAL=initial is not None, num_warps=4,
     )
     return starts
