@@ -202,6 +202,40 @@ def test_segmenting_does_not_change_the_result():
         torch.testing.assert_close(cut[name], whole[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_empty_sequence_passes_its_state_through():
+    """Launcher level (the public op refuses empty sequences): an empty packed sequence keeps its initial state as
+    its final state, its d initial_state is its d final_state, and its neighbours do not change."""
+    device = triton_device()
+    case = Case(B=1, T=150, H=2, K=16, V=16, dtype=torch.float32, lengths=[70, 80], with_initial=True,
+                with_dfinal=True, strength=1.0, scale=0.25, segment_len=None, seed=5)
+    x = _make_inputs(case, device)
+    state_shape = (1, case.H, case.K, case.V)
+    empty_initial = randn(state_shape, torch.float32, device, 98)
+    empty_dfinal = randn(state_shape, torch.float32, device, 99)
+    with_empty = dict(x, cu_seqlens=torch.tensor([0, 70, 70, 150], dtype=torch.int32, device=device),
+                      initial_state=torch.cat([x["initial_state"][:1], empty_initial, x["initial_state"][1:]]),
+                      dfinal=torch.cat([x["dfinal"][:1], empty_dfinal, x["dfinal"][1:]]))
+    for segment_len in (None, 64):
+        base = _kernels(x, case.scale, segment_len)
+        got = _kernels(with_empty, case.scale, segment_len)
+        expected = dict(base)
+        for name, middle in (("final_state", empty_initial), ("dinitial_state", empty_dfinal)):
+            expected[name] = torch.cat([base[name][:1], middle, base[name][1:]])
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{name} (segment_len {segment_len}): {m}")
+
+
+def test_more_sequences_than_a_table_block(monkeypatch):
+    """The table kernels walk sequences and chunks in blocks of TABLE_BLOCK: offsets carry across blocks (a small
+    block here, so that a short batch spans several)."""
+    monkeypatch.setattr(chunk, "TABLE_BLOCK", 16)
+    lengths = [1 + (37 * i) % 90 for i in range(40)]
+    case = Case(B=1, T=sum(lengths), H=1, K=16, V=16, dtype=torch.float32, lengths=lengths, with_initial=True,
+                with_dfinal=True, strength=1.0, scale=0.25, segment_len=None, seed=13)
+    _check_case(case, triton_device())
+
+
 def test_final_state_only_when_asked():
     device = triton_device()
     x = _make_inputs(Case(1, 3, 1, 16, 16, torch.float32, None, False, False, 1.0, 0.25, None, 0), device)
