@@ -25,8 +25,8 @@ With one segment per sequence only the output stage runs (one kernel, inputs rea
 Packed batches (cu_seqlens) are balanced over a flat list of chunks instead: every sequence is cut into chunks of
 BT tokens, all sequences' chunks are laid end to end, and that list is cut into ranges of about equal chunk counts
 (whole state segments of SEGMENT_CHUNKS chunks). One output program walks a range in one loop that resets the state
-where a sequence starts, so short sequences share a program and its software pipeline, and long ones are spread
-over several. Only a range that begins inside a sequence needs a start state: the segment stages compute just the
+where a sequence starts, so short sequences share a program (one start-up for many of them), and long ones are
+spread over several. Only a range that begins inside a sequence needs a start state: the segment stages compute just the
 segments of the sequence before that cut. Device-side tables (two small kernels, no host sync) describe the chunks
 and ranges, so the launch shapes depend on the token count and sequence count only.
 """
@@ -51,8 +51,9 @@ MIN_SEGMENT = 512  # shorter segments cost more in the segment stages than they 
 SEGMENT_CHUNKS = MIN_SEGMENT // CHUNK  # packed batches: chunks per state segment (ranges are whole segments)
 TABLE_BLOCK = 1024  # sequences or chunks per program of the packed-table kernels
 # Launch configuration (module constants so that benchmarks can compare alternatives). Swept on an H200
-# (benches/NOTES.md): BV=64 with 4 warps and 2 stages is fastest at every shape (~200 registers, 76-88 KB of shared
-# memory: two programs per SM); 3 stages (one program per SM) cost ~20%, 8 warps or BV=128 ~2x, BV=32 ~50%.
+# (benches/NOTES.md): BV=64 with 4 warps and 2 stages is fastest at every shape (two programs per SM; an offline
+# sm_90a compile shows 255 registers and ~1 KB of spills per thread); 3 stages cost ~20%, 8 warps or BV=128 ~2x,
+# BV=32 ~50%.
 BLOCK_V = 64  # BV: state columns per program; the [K, BV] fp32 state takes K * BV / (32 * warps) registers
 PROGRAMS_PER_SM = 2  # output-stage programs resident per SM; segmenting aims at filling exactly these
 OUTPUT_WARPS, OUTPUT_STAGES = 4, 2
