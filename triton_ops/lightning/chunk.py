@@ -52,8 +52,8 @@ SEGMENT_CHUNKS = MIN_SEGMENT // CHUNK  # packed batches: chunks per state segmen
 TABLE_BLOCK = 1024  # sequences or chunks per program of the packed-table kernels
 # Launch configuration (module constants so that benchmarks can compare alternatives). Swept on an H200
 # (benches/NOTES.md): BV=64 with 4 warps and 2 stages is fastest at every shape (two programs per SM; an offline
-# sm_90a compile shows 255 registers and ~1 KB of spills per thread); 3 stages cost ~20%, 8 warps or BV=128 ~2x,
-# BV=32 ~50%.
+# sm_90a compile shows 255 registers, no spills, ~90 KB of shared memory); 3 stages cost ~20%, 8 warps or BV=128
+# ~2x, BV=32 ~50%.
 BLOCK_V = 64  # BV: state columns per program; the [K, BV] fp32 state takes K * BV / (32 * warps) registers
 PROGRAMS_PER_SM = 2  # output-stage programs resident per SM; segmenting aims at filling exactly these
 OUTPUT_WARPS, OUTPUT_STAGES = 4, 2
