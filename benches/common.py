@@ -2,7 +2,8 @@
 
 Conventions (benches/run.py prints and saves what the op modules return):
 - a row is a dict with "op", "shape", "backend", "pass" ("fwd" | "fwd+bwd" | "decode"), "ms" (median) and
-  optionally "tflops", "tbps", "pct_floor", "speedup", "anchor", "timing" and free-form notes;
+  optionally "kernel_ms" (GPU kernel time alone), "tflops", "tbps", "pct_floor", "speedup", "anchor", "timing" and
+  free-form notes;
 - times are medians of `triton.testing.do_bench` (eager) or `do_bench_cudagraph` (graph replays, for
   kernels so short that launch gaps would dominate); inputs larger than L2 rotate so that timings read HBM;
 - every module checks its backends against the reference on one shape before timing (`check_close` raises).
@@ -84,6 +85,20 @@ def bench_ms(fn: Callable[[], object], *, graph: bool = False, rep_ms: Optional[
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms or 100, return_mode="median"))
 
 
+def kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
+    """GPU time of one call summed over its kernels (torch.profiler), without the host gaps between launches: for
+    ops that launch several kernels, whose do_bench time a slow host can dominate. L2 is not flushed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.device_time_total for event in prof.key_averages()) / iters / 1000.0
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp64."""
     ref = ref.double()
@@ -157,7 +172,7 @@ def add_speedups(rows: Iterable[dict], anchor: str) -> None:
 # ------------------------------------------------------------------------------------------------------ table
 
 TABLE_COLUMNS = [("op", "{}"), ("shape", "{}"), ("pass", "{}"), ("backend", "{}"), ("ms", "{:.4f}"),
-                 ("tflops", "{:.1f}"), ("tbps", "{:.2f}"), ("pct_floor", "{:.0f}%"), ("speedup", "{:.2f}x"),
+                 ("kernel_ms", "{:.4f}"), ("tflops", "{:.1f}"), ("tbps", "{:.2f}"), ("pct_floor", "{:.0f}%"), ("speedup", "{:.2f}x"),
                  ("timing", "{}")]
 
 
