@@ -8,7 +8,8 @@ Properties, on Hypothesis-drawn shapes, decays, scales and packings:
 - every way of cutting sequences into parallel segments (segment_len) gives the same answer;
 - T = 1, T not a multiple of the 64-token chunk, very weak (log_decay ~ -1e-4) and strong (~ -8) decays;
 - the public op `hypenet.ops.lightning_attn(..., backend="triton")` runs these kernels under autograd;
-- on a GPU: bf16 at larger shapes, and a 65536-token sequence whose fp32 state must not drift from fp64.
+- on a GPU: bf16 at larger shapes, a 65536-token sequence whose fp32 state must not drift from fp64, and a packed
+  forward captured in a CUDA graph that replays correctly after cu_seqlens changes in place.
 Outputs are NaN-poisoned before each run (tests/conftest.py), so an unwritten element fails.
 
 Allowance: the rule's atol is a few units in the last place of the tensor's largest entry in the input dtype. The
@@ -19,7 +20,7 @@ round almost exactly would otherwise allow no error at all. Norm-wise errors are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
@@ -298,3 +299,36 @@ def test_gpu_long_sequence_state_does_not_drift():
     case = Case(B=1, T=65536, H=2, K=128, V=128, dtype=torch.bfloat16, lengths=None, with_initial=True,
                 with_dfinal=True, strength=1e-3, scale=128 ** -0.5, segment_len=None, seed=3)
     _check_case(case, "cuda")
+
+
+@pytest.mark.cuda
+def test_gpu_packed_forward_replays_in_a_cuda_graph():
+    """The packed tables are built on the device inside the call: a captured forward, replayed after cu_seqlens and
+    the inputs change in place, equals an eager call on the new packing bit for bit (no host sync, nothing kept from
+    capture time)."""
+    first = Case(B=1, T=700, H=2, K=64, V=64, dtype=torch.bfloat16, lengths=[300, 100, 300], with_initial=True,
+                 with_dfinal=False, strength=1.0, scale=0.125, segment_len=None, seed=21)
+    batches = [_make_inputs(case, "cuda") for case in (first, replace(first, lengths=[50, 600, 50], seed=22))]
+    log_decay = batches[0]["log_decay"]
+    names = ("q", "k", "v", "initial_state", "cu_seqlens")
+    static = {n: batches[0][n].clone() for n in names}
+
+    def forward(x):
+        return chunk.lightning_chunk_fwd(x["q"], x["k"], x["v"], log_decay, first.scale, x["initial_state"],
+                                         x["cu_seqlens"], True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels outside the capture
+        forward(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, final = forward(static)
+    for x in batches:
+        for n in names:
+            static[n].copy_(x[n])
+        graph.replay()
+        want_o, want_final = forward(x)
+        torch.testing.assert_close(o, want_o, rtol=0, atol=0)
+        torch.testing.assert_close(final, want_final, rtol=0, atol=0)
