@@ -172,8 +172,8 @@ def add_speedups(rows: Iterable[dict], anchor: str) -> None:
 # ------------------------------------------------------------------------------------------------------ table
 
 TABLE_COLUMNS = [("op", "{}"), ("shape", "{}"), ("pass", "{}"), ("backend", "{}"), ("ms", "{:.4f}"),
-                 ("kernel_ms", "{:.4f}"), ("tflops", "{:.1f}"), ("tbps", "{:.2f}"), ("pct_floor", "{:.0f}%"), ("speedup", "{:.2f}x"),
-                 ("timing", "{}")]
+                 ("kernel_ms", "{:.4f}"), ("tflops", "{:.1f}"), ("tbps", "{:.2f}"), ("pct_floor", "{:.0f}%"),
+                 ("speedup", "{:.2f}x"), ("timing", "{}")]
 
 
 def format_table(rows: Sequence[dict]) -> str:

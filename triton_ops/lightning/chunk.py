@@ -376,7 +376,7 @@ def _scan_segment(step, ns, REVERSE: tl.constexpr):
 
 @triton.jit
 def _scan_contribution(seg_states, step, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero, slot_size,
-                       IS_VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+                       REVERSE: tl.constexpr):
     """Load the contribution folded at `step` (zeros past n_steps). Packed slots are first chunk // segment chunks;
     equal-length ones are indexed by segment (first_chunk = the sequence's first segment, seg_chunks = 1)."""
     slot = (first_chunk + _scan_segment(step, ns, REVERSE) * seg_chunks) // seg_chunks
@@ -468,13 +468,13 @@ def lightning_attn_fwd_kernel_segment_scan(
             n_steps = num_segs - 1
         for step in range(0, n_steps, 4):
             c0 = _scan_contribution(seg_states, step, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
-                                    slot_size, IS_VARLEN, REVERSE)
+                                    slot_size, REVERSE)
             c1 = _scan_contribution(seg_states, step + 1, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
-                                    slot_size, IS_VARLEN, REVERSE)
+                                    slot_size, REVERSE)
             c2 = _scan_contribution(seg_states, step + 2, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
-                                    slot_size, IS_VARLEN, REVERSE)
+                                    slot_size, REVERSE)
             c3 = _scan_contribution(seg_states, step + 3, n_steps, ns, first_chunk, seg_chunks, tile, tile_zero,
-                                    slot_size, IS_VARLEN, REVERSE)
+                                    slot_size, REVERSE)
             running = _scan_fold(running, c0, step, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size,
                                  first_chunk, seg_chunks, range_chunks, IS_VARLEN, REVERSE)
             running = _scan_fold(running, c1, step + 1, n_steps, ns, seq_len, seg_len, ld, starts, tile, slot_size,
@@ -593,14 +593,6 @@ def lightning_attn_fwd_kernel_output_packed(
             opens_flag, closes_flag, edge, entry = 2, 1, c_end - 1, i_p + 1
         else:
             opens_flag, closes_flag, edge, entry = 1, 2, c_begin, i_p
-        state = tl.zeros([DA, BV], dtype=tl.float32)
-        if HAS_RANGE_STATES:
-            if (tl.load(chunk_table + 4 * edge + 3) & opens_flag) == 0:
-                p_range = (range_states + entry.to(tl.int64) * stride_range_n + i_h * stride_range_h
-                           + o_a[:, None] * stride_range_a + o_c[None, :] * stride_range_c)
-                state = tl.load(p_range)
-        # Tile-shaped flags for the masks (the interpreter rejects a scalar bool broadcast into a mask).
-        tile_zero = o_a[:, None] * 0 + o_c[None, :] * 0
         # The table entry of the next chunk is loaded one iteration ahead: the chunk's loads depend on its first
         # token, and a load issued in the loop body would put a dependent round trip in front of every chunk.
         if REVERSE:
@@ -608,6 +600,14 @@ def lightning_attn_fwd_kernel_output_packed(
         else:
             step = 1
         tok_next, length_next, seq_next, flags_next = _chunk_entry(chunk_table, edge)
+        state = tl.zeros([DA, BV], dtype=tl.float32)
+        if HAS_RANGE_STATES:
+            if (flags_next & opens_flag) == 0:
+                p_range = (range_states + entry.to(tl.int64) * stride_range_n + i_h * stride_range_h
+                           + o_a[:, None] * stride_range_a + o_c[None, :] * stride_range_c)
+                state = tl.load(p_range)
+        # Tile-shaped flags for the masks (the interpreter rejects a scalar bool broadcast into a mask).
+        tile_zero = o_a[:, None] * 0 + o_c[None, :] * 0
         for i in range(0, c_end - c_begin):
             tok, length, seq, flags = tok_next, length_next, seq_next, flags_next
             ahead = tl.minimum(tl.maximum(edge + step * (i + 1), c_begin), c_end - 1)
