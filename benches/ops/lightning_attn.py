@@ -56,12 +56,13 @@ def _inputs(B: int, T: int, seed: int) -> dict:
 
 
 def _ours(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:
-    from triton_ops.lightning.chunk import lightning_chunk_bwd, lightning_chunk_fwd
+    from triton_ops.lightning.chunk import lightning_chunk_bwd, lightning_chunk_train_fwd
 
     def run(x, g, scale):
-        o, _ = lightning_chunk_fwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, False)
-        if backward:
-            return lightning_chunk_bwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, x["do"], None)[:3]
+        o, _, starts = lightning_chunk_train_fwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, False)
+        if backward:  # as the op's autograd does: the backward reuses the forward's segment start states
+            return lightning_chunk_bwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, x["do"], None,
+                                       start_states=starts)[:3]
         return o
     return run
 

@@ -5,7 +5,8 @@ Properties, on Hypothesis-drawn shapes, decays, scales and packings:
   (the fp64 run of the reference on the same low-precision inputs is the truth, the reference's own low-precision
   run sets the allowance), with and without an initial state and a final-state gradient;
 - packed ragged sequences (cu_seqlens) match the reference, which runs each sequence alone (no state leaks);
-- every way of cutting sequences into parallel segments (segment_len) gives the same answer;
+- every way of cutting sequences into parallel segments (segment_len) gives the same answer, and the backward
+  gives the same gradients whether it reuses the forward's segment start states or recomputes them;
 - T = 1, T not a multiple of the 64-token chunk, very weak (log_decay ~ -1e-4) and strong (~ -8) decays;
 - the public op `hypenet.ops.lightning_attn(..., backend="triton")` runs these kernels under autograd;
 - on a GPU: bf16 at larger shapes, a 65536-token sequence whose fp32 state must not drift from fp64, and a packed
@@ -56,6 +57,7 @@ class Case:
     scale: float
     segment_len: Optional[int]
     seed: int
+    reuse_start_states: bool = True  # the backward takes the forward's start states (as the op does)
 
     @property
     def N(self) -> int:
@@ -101,12 +103,14 @@ def _reference(x: dict, scale: float, to_fp64: bool) -> dict:
     return result
 
 
-def _kernels(x: dict, scale: float, segment_len: Optional[int]) -> dict:
-    o, final = chunk.lightning_chunk_fwd(x["q"], x["k"], x["v"], x["log_decay"], scale, x["initial_state"],
-                                         x["cu_seqlens"], True, segment_len=segment_len)
+def _kernels(x: dict, scale: float, segment_len: Optional[int], reuse_start_states: bool = True) -> dict:
+    o, final, starts = chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
+                                                       x["initial_state"], x["cu_seqlens"], True,
+                                                       segment_len=segment_len)
     dq, dk, dv, dinitial = chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
                                                      x["initial_state"], x["cu_seqlens"], x["do"], x["dfinal"],
-                                                     segment_len=segment_len)
+                                                     segment_len=segment_len,
+                                                     start_states=starts if reuse_start_states else None)
     result = {"o": o, "final_state": final, "dq": dq, "dk": dk, "dv": dv}
     if x["initial_state"] is not None:
         result["dinitial_state"] = dinitial
@@ -133,7 +137,7 @@ def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> No
 def _check_case(case: Case, device: str) -> None:
     x = _make_inputs(case, device)
     scale = case.scale
-    got = _kernels(x, scale, case.segment_len)
+    got = _kernels(x, scale, case.segment_len, case.reuse_start_states)
     _assert_matches(got, _reference(x, scale, to_fp64=False), _reference(x, scale, to_fp64=True), case.dtype)
 
 
@@ -151,7 +155,7 @@ def dense_cases(draw, dtypes, head_dims, max_batch, max_heads, max_tokens, segme
                 dtype=draw(st.sampled_from(dtypes)), lengths=None, with_initial=draw(st.booleans()),
                 with_dfinal=draw(st.booleans()), strength=draw(st.sampled_from(STRENGTHS)),
                 scale=draw(st.sampled_from([K ** -0.5, 1.0, 0.05])), segment_len=draw(st.sampled_from(segment_lens)),
-                seed=draw(st.integers(0, 2**16)))
+                seed=draw(st.integers(0, 2**16)), reuse_start_states=draw(st.booleans()))
 
 
 @st.composite
@@ -162,7 +166,8 @@ def packed_cases(draw, dtypes, head_dims, max_heads, max_tokens, max_sequences, 
     return Case(B=1, T=total, H=draw(st.integers(1, max_heads)), K=K, V=K, dtype=draw(st.sampled_from(dtypes)),
                 lengths=lengths, with_initial=draw(st.booleans()), with_dfinal=draw(st.booleans()),
                 strength=draw(st.sampled_from(STRENGTHS)), scale=K ** -0.5,
-                segment_len=draw(st.sampled_from(segment_lens)), seed=draw(st.integers(0, 2**16)))
+                segment_len=draw(st.sampled_from(segment_lens)), seed=draw(st.integers(0, 2**16)),
+                reuse_start_states=draw(st.booleans()))
 
 
 # ------------------------------------------------------------------------------------------------ CPU / any device
@@ -201,6 +206,40 @@ def test_segmenting_does_not_change_the_result():
     cut = _kernels(x, case.scale, 64)
     for name in whole:
         torch.testing.assert_close(cut[name], whole[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("lengths", [None, [37, 113]])
+def test_backward_reuses_the_forward_start_states(lengths):
+    """The forward returns its segment start states in the shape `start_states_shape` predicts; the backward
+    given them computes what it computes from scratch (up to fp32 rounding: the forward decays v, the recomputation
+    k); start states of another shape are refused, naming the argument."""
+    device = triton_device()
+    case = Case(B=1, T=150, H=2, K=32, V=32, dtype=torch.float32, lengths=lengths, with_initial=True,
+                with_dfinal=True, strength=0.01, scale=0.2, segment_len=64, seed=17)
+    x = _make_inputs(case, device)
+    starts = chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale, x["initial_state"],
+                                             x["cu_seqlens"], False, segment_len=64)[2]
+    assert starts is not None and starts.shape == chunk.start_states_shape(x["q"], x["v"], x["cu_seqlens"],
+                                                                           segment_len=64)
+    reused = _kernels(x, case.scale, 64, reuse_start_states=True)
+    recomputed = _kernels(x, case.scale, 64, reuse_start_states=False)
+    for name in recomputed:
+        torch.testing.assert_close(reused[name], recomputed[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="start_states"):
+        chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale, x["initial_state"],
+                                  x["cu_seqlens"], x["do"], x["dfinal"], segment_len=64, start_states=starts[1:])
+
+
+def test_no_start_states_without_segments_or_with_unequal_head_dims():
+    device = triton_device()
+    for K, V, segment_len in ((32, 32, None), (16, 32, 64)):
+        x = _make_inputs(Case(1, 150, 2, K, V, torch.float32, None, False, False, 1.0, 0.25, segment_len, 0), device)
+        starts = chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], 0.25, None, None, False,
+                                                 segment_len=segment_len)[2]
+        assert starts is None and chunk.start_states_shape(x["q"], x["v"], None, segment_len=segment_len) == (0,)
+        with pytest.raises(ValueError, match="start_states must be None"):
+            chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], 0.25, None, None, x["do"], None,
+                                      segment_len=segment_len, start_states=torch.zeros(1, 2, K, V, device=device))
 
 
 def test_empty_sequence_passes_its_state_through():

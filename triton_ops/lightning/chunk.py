@@ -11,7 +11,8 @@ The backward is three scans of the same kind:
     dq = scan forwards  of (do, v, k), state S^T (the forward state, transposed), start S0^T
     dv = scan backwards of (k, q, do), adjoint state dS = sum_s gamma^(s-t+1) scale q_s^T do_s, start dS_final
     dk = scan backwards of (v, do, q), adjoint state dS^T, start dS_final^T
-and the adjoint left after the first token is d initial_state.
+and the adjoint left after the first token is d initial_state. The dq scan starts its segments from the forward's
+start states, transposed: `lightning_chunk_train_fwd` returns them for `lightning_chunk_bwd` to reuse.
 
 The decay is a constant per head, so the intra-chunk mask gamma^(t-s) is built once per program (no cumulative
 decay tensors). Time is walked sequentially in chunks of BT tokens by one program per (sequence segment, head,
@@ -691,22 +692,26 @@ def _plan_segments(T: int, N: int, H: int, DC: int, device: torch.device, segmen
     return _Segments(N, T, seg_len, num_segs, num_segs == 1)
 
 
-def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optional[int]) -> _Packed:
-    """Build the chunk and range tables of N packed sequences (T tokens) on the device.
-
-    By default the chunks are shared by as many ranges as fill the resident programs with H x column-tile programs
-    each; segment_len fixes the range size instead (segment_len / CHUNK chunks)."""
-    N = cu_seqlens.numel() - 1
-    device = cu_seqlens.device
+def _packed_ranges(T: int, N: int, H: int, DC: int, device: torch.device,
+                   segment_len: Optional[int]) -> tuple[int, int, int, int]:
+    """The host-side bounds of a packed plan: (max_chunks, ranges, range_chunks, seg_chunks). By default the chunks
+    are shared by as many ranges as fill the resident programs with H x column-tile programs each (range_chunks = 0:
+    the tables kernel chooses max(SEGMENT_CHUNKS, ceil(chunks / ranges)) on the device); segment_len fixes the range
+    size instead (segment_len / CHUNK chunks)."""
     max_chunks = T // CHUNK + N  # sum of ceil(len / CHUNK), an empty sequence counting one chunk
     if segment_len is not None:
         range_chunks = _checked_segment_len(segment_len) // CHUNK
-        ranges = triton.cdiv(max_chunks, range_chunks)
         seg_chunks = min(SEGMENT_CHUNKS, range_chunks)  # a segment never spans two range starts
-    else:
-        range_chunks = 0  # chosen on the device: max(SEGMENT_CHUNKS, ceil(chunks / ranges))
-        ranges = max(1, _resident_programs(device) // (H * (DC // _block_v(DC))))
-        seg_chunks = SEGMENT_CHUNKS
+        return max_chunks, triton.cdiv(max_chunks, range_chunks), range_chunks, seg_chunks
+    ranges = max(1, _resident_programs(device) // (H * (DC // _block_v(DC))))
+    return max_chunks, ranges, 0, SEGMENT_CHUNKS
+
+
+def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optional[int]) -> _Packed:
+    """Build the chunk and range tables of N packed sequences (T tokens) on the device (`_packed_ranges`)."""
+    N = cu_seqlens.numel() - 1
+    device = cu_seqlens.device
+    max_chunks, ranges, range_chunks, seg_chunks = _packed_ranges(T, N, H, DC, device, segment_len)
     max_segments = max_chunks // seg_chunks + N
     sizes = [N + 1, N + 1, 4 * max_chunks, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
     ints = torch.empty(sum(sizes), dtype=torch.int32, device=device)
@@ -736,11 +741,15 @@ def _strides(t: Optional[Tensor]) -> tuple[int, int, int, int]:
     return t.stride() if t is not None else (0, 0, 0, 0)
 
 
+def _start_slots(plan: _Segments | _Packed) -> int:
+    return plan.ranges + 1 if isinstance(plan, _Packed) else plan.N * plan.num_segs
+
+
 def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scale: float,
                           initial: Optional[Tensor], plan: _Segments | _Packed, reverse: bool) -> Tensor:
-    """The start states the output stage needs (b [B, T, H, DA], c [B, T, H, DC]): every segment's
-    [N * num_segs, H, DA, DC] fp32 for an equal-length batch, every range's [ranges + 1, H, DA, DC] for a packed
-    one (entries of ranges that open a sequence are left unwritten)."""
+    """The start states the output stage needs (b [B, T, H, DA], c [B, T, H, DC]): [_start_slots(plan), H, DA, DC]
+    fp32, every segment's for an equal-length batch, every range's for a packed one (the entries of ranges that
+    open a sequence are not read: zeros forwards, left unwritten backwards)."""
     H, DA, DC = b.shape[2], b.shape[3], c.shape[3]
     BV = _block_v(DC)
     BR = min(SCAN_ROWS, DA)
@@ -748,7 +757,10 @@ def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scal
     if isinstance(plan, _Packed):
         seg_chunks = plan.seg_len // CHUNK
         seg_states = torch.empty(plan.max_chunks // seg_chunks + 1, H, DA, DC, dtype=torch.float32, device=b.device)
-        starts = torch.empty(plan.ranges + 1, H, DA, DC, dtype=torch.float32, device=b.device)
+        # Forwards start states are returned to the caller (`lightning_chunk_train_fwd`): the entries no range
+        # reads are zeros there, not whatever the allocation held.
+        new_starts = torch.empty if reverse else torch.zeros
+        starts = new_starts(_start_slots(plan), H, DA, DC, dtype=torch.float32, device=b.device)
         # Work items: the needed segments (at most all whole ones, plus one per cut) x tiles, shared by the programs.
         states_grid = min((plan.max_chunks // seg_chunks + plan.ranges) * tiles, 2 * _resident_programs(b.device))
         scan_grid = max(1, plan.ranges - 1) * tiles * (DA // BR)
@@ -756,7 +768,7 @@ def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scal
         cut_first, meta = (plan.cut_rev if reverse else plan.cut_fwd), plan.meta
         num_segs, cut_search_steps = 0, max(1, plan.ranges.bit_length())
     else:
-        seg_states = starts = torch.empty(plan.N * plan.num_segs, H, DA, DC, dtype=torch.float32, device=b.device)
+        seg_states = starts = torch.empty(_start_slots(plan), H, DA, DC, dtype=torch.float32, device=b.device)
         states_grid, scan_grid = plan.N * plan.num_segs * tiles, plan.N * tiles * (DA // BR)
         tables, cut_first, meta = (None, None, None, None), None, None
         num_segs, cut_search_steps = plan.num_segs, 0
@@ -823,10 +835,39 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, cu_seqlens: Opt
     return q, k, v, log_decay, cu_seqlens, _plan(q, v.shape[-1], cu_seqlens, segment_len)
 
 
+def start_states_shape(q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], *,
+                       segment_len: Optional[int] = None) -> tuple[int, ...]:
+    """Shape of the start states `lightning_chunk_train_fwd` returns for these inputs, (0,) where it returns None.
+    Host-side only (no kernel runs), so it also sizes fake tensors while tracing."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K != V:  # the dq scan then cuts the sequences for K columns, not V: nothing to reuse
+        return (0,)
+    if cu_seqlens is None:
+        plan = _plan_segments(T, B, H, V, q.device, segment_len)
+        slots = 0 if plan.single else _start_slots(plan)
+    else:
+        ranges = _packed_ranges(T, cu_seqlens.shape[0] - 1, H, V, q.device, segment_len)[1]
+        slots = 0 if ranges == 1 else ranges + 1
+    return (slots, H, K, V) if slots else (0,)
+
+
 def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool,
                         *, segment_len: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Forward of Lightning Attention.
+    """Forward of Lightning Attention (`lightning_chunk_train_fwd` without the start states)."""
+    o, final, _ = lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state,
+                                            segment_len=segment_len)
+    return o, final
+
+
+def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
+                              initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                              output_final_state: bool, *, segment_len: Optional[int] = None
+                              ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Forward of Lightning Attention that also returns the states it started its segments (packed: ranges) from.
+    The backward's dq scan starts from the same states, transposed: `lightning_chunk_bwd(..., start_states=...)`
+    reuses them instead of reading k and v once more for the segment stages.
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (bf16, fp16 or fp32, one dtype).
@@ -838,25 +879,28 @@ def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         segment_len: tokens per parallel segment (packed: per range of chunks), a multiple of 64; default chosen
             from the shapes and the device.
     Returns:
-        o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32 or None.
+        o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32 or None; start states of shape
+        `start_states_shape(q, v, cu_seqlens)` float32, or None when that is (0,).
     """
     q, k, v, log_decay, cu_seqlens, plan = _prepare(q, k, v, log_decay, cu_seqlens, segment_len)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     final = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     starts = None if plan.single else _segment_start_states(k, v, log_decay, 1.0, initial_state, plan, False)
     o = _scan(q, k, v, log_decay, scale, 1.0, scale, starts, initial_state, plan, False, final, q.dtype)
-    return o, final
+    return o, final, (starts if K == V else None)
 
 
 def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
-                        dfinal_state: Optional[Tensor], *, segment_len: Optional[int] = None
-                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                        dfinal_state: Optional[Tensor], *, segment_len: Optional[int] = None,
+                        start_states: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Backward of Lightning Attention (inputs as in `lightning_chunk_fwd`).
 
     Args:
         do: [B, T, H, V] gradient of o.
         dfinal_state: [N, H, K, V] gradient of final_state, or None (zero).
+        start_states: what `lightning_chunk_train_fwd` returned for the same inputs and segment_len, or None
+            (recomputed).
     Returns:
         dq [B, T, H, K], dk [B, T, H, K], dv [B, T, H, V] in q.dtype; d initial_state [N, H, K, V] float32
         (None when initial_state is None).
@@ -868,7 +912,18 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
 
     # dq: forwards scan of (do, v, k) over the transposed forward state.
     initial_t = initial_state.transpose(-1, -2) if initial_state is not None else None
-    starts_t = None if plan_k.single else _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, False)
+    if start_states is not None:
+        got = f"got {tuple(start_states.shape)} {start_states.dtype}"
+        if K != V or plan_k.single:
+            raise ValueError(f"lightning_chunk_bwd: these shapes have no start states to reuse (K = {K}, V = {V}, "
+                             f"one segment per sequence: {plan_k.single}); start_states must be None, {got}")
+        expected = (_start_slots(plan_k), H, K, V)
+        if tuple(start_states.shape) != expected or start_states.dtype != torch.float32:
+            raise ValueError(f"lightning_chunk_bwd: start_states must be the forward's, of shape {expected} float32 "
+                             f"here, {got}")
+        starts_t = start_states.transpose(-1, -2)
+    else:
+        starts_t = None if plan_k.single else _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, False)
     dq = _scan(do, v, k, log_decay, scale, 1.0, scale, starts_t, initial_t, plan_k, False, None, q.dtype)
 
     # dv and dk: backwards scans over the adjoint state dS [K, V] and its transpose.
