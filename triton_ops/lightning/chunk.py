@@ -607,27 +607,27 @@ def lightning_attn_fwd_kernel_output_packed(
                 p_range = (range_states + entry.to(tl.int64) * stride_range_n + i_h * stride_range_h
                            + o_a[:, None] * stride_range_a + o_c[None, :] * stride_range_c)
                 state = tl.load(p_range)
-        # Tile-shaped flags for the masks (the interpreter rejects a scalar bool broadcast into a mask).
-        tile_zero = o_a[:, None] * 0 + o_c[None, :] * 0
+        # Sequence opens and closes are scalar branches: a tile-shaped masked load or store in every iteration
+        # (most of them masked off) made packed calls with initial or final states ~1.9x slower (benches/NOTES.md).
         for i in range(0, c_end - c_begin):
             tok, length, seq, flags = tok_next, length_next, seq_next, flags_next
             ahead = tl.minimum(tl.maximum(edge + step * (i + 1), c_begin), c_end - 1)
             tok_next, length_next, seq_next, flags_next = _chunk_entry(chunk_table, ahead)
-            opens = (flags & opens_flag) != 0
-            if HAS_INITIAL:
-                p_init = (initial_state + seq * stride_init_n + i_h * stride_init_h
-                          + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
-                init = tl.load(p_init, mask=((tile_zero + flags) & opens_flag) != 0, other=0.0)
-                state = tl.where(opens, init.to(tl.float32), state)
-            else:
-                state = tl.where(opens, 0.0, state)
+            if (flags & opens_flag) != 0:
+                if HAS_INITIAL:
+                    p_init = (initial_state + seq * stride_init_n + i_h * stride_init_h
+                              + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
+                    state = tl.load(p_init).to(tl.float32)
+                else:
+                    state = tl.zeros([DA, BV], dtype=tl.float32)
             state = _chunk_output(state, a, b, c, out, tok.to(tl.int64) * H + i_h, length, mask, ld, o_t, o_a, o_c,
                                   state_in_scale, state_out_scale, H, DA, DC, REVERSE, STATE_DOT_FP32,
                                   DOT_PRECISION)
             if STORE_FINAL:
-                p_final = (final_state + seq * stride_final_n + i_h * stride_final_h
-                           + o_a[:, None] * stride_final_a + o_c[None, :] * stride_final_c)
-                tl.store(p_final, state, mask=((tile_zero + flags) & closes_flag) != 0)
+                if (flags & closes_flag) != 0:
+                    p_final = (final_state + seq * stride_final_n + i_h * stride_final_h
+                               + o_a[:, None] * stride_final_a + o_c[None, :] * stride_final_c)
+                    tl.store(p_final, state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
