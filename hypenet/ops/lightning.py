@@ -55,7 +55,9 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         backend (str): "cuda" | "triton" | "reference" | None (auto; $HYPENET_BACKEND overrides).
     Returns:
         o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32, or None unless asked.
-    Differentiable in q, k, v and initial_state.
+    Differentiable in q, k, v and initial_state. Under autograd the Triton backend also keeps the fp32 states at
+    which its parallel segments start (when a sequence is cut into segments: [segments, H, K, V], 8 MB at B1 T65536
+    H16 K=V=128), so that the backward does not recompute them.
     """
     B, T, H, K, V = _check_qkv(q, k, v)
     device = q.device

@@ -94,18 +94,24 @@ def _registered_op_ran(fn, name: str) -> bool:
     return any(event.name == f"hypenet::{name}" for event in prof.events())
 
 
-def test_eager_calls_bypass_the_registered_op_unless_autograd_records_them(triton_dev):
+def test_eager_calls_bypass_the_registered_op(triton_dev):
+    """Eager calls run the implementation without the dispatcher, through a plain autograd.Function when autograd
+    records them; values and gradients equal those of the registered op."""
     dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
     x, z = randn((1, 5, 128), dtype, triton_dev, 0), randn((1, 5, 128), dtype, triton_dev, 1)
     w = torch.nn.Parameter(randn((128,), dtype, triton_dev, 2))
+    dy = randn((1, 5, 128), dtype, triton_dev, 3)
+    eps = 1e-6
 
     def call():
-        return ops.rmsnorm_gate(x, z, w, backend="triton")
+        return ops.rmsnorm_gate(x, z, w, eps=eps, backend="triton")
 
     with torch.no_grad():
         assert not _registered_op_ran(call, "rmsnorm_gate_fwd")
         expected = call()
-    assert _registered_op_ran(call, "rmsnorm_gate_fwd")  # w requires grad: autograd records the op
+    assert not _registered_op_ran(call, "rmsnorm_gate_fwd")  # w requires grad: recorded, still not dispatched
     y = call()
     assert y.grad_fn is not None
     torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
+    y_op, _ = torch.ops.hypenet.rmsnorm_gate_fwd(x, z, w, eps)
+    torch.testing.assert_close(torch.autograd.grad(y, w, dy)[0], torch.autograd.grad(y_op, w, dy)[0], rtol=0, atol=0)
