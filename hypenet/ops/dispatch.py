@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("cuda", "triton", "reference")
@@ -144,8 +145,10 @@ def kernel_op(qualname: str, impl: Callable, fake: Callable, *, mutates_args: tu
         setup_context(ctx, args, output)
         return output
 
+    # The backwards are kernels without derivatives of their own: once_differentiable makes a double backward
+    # (create_graph=True, e.g. a gradient penalty) raise instead of treating the gradients as constants.
     eager = type(f"{qualname.split('::')[-1]}_eager", (torch.autograd.Function,),
-                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                 {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))})
 
     def call_differentiable(*args):
         if _is_traced(args):

@@ -115,3 +115,15 @@ def test_eager_calls_bypass_the_registered_op(triton_dev):
     torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
     y_op, _ = torch.ops.hypenet.rmsnorm_gate_fwd(x, z, w, eps)
     torch.testing.assert_close(torch.autograd.grad(y, w, dy)[0], torch.autograd.grad(y_op, w, dy)[0], rtol=0, atol=0)
+
+
+def test_double_backward_raises_instead_of_dropping_terms(triton_dev):
+    """The kernels' backwards have no derivatives of their own: a loss that differentiates a gradient again (a
+    gradient penalty) must fail, not treat the penalty as a constant."""
+    dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
+    x, z = randn((1, 5, 128), dtype, triton_dev, 0), randn((1, 5, 128), dtype, triton_dev, 1)
+    w = torch.nn.Parameter(randn((128,), dtype, triton_dev, 2))
+    y = ops.rmsnorm_gate(x, z, w, backend="triton")
+    (grad_w,) = torch.autograd.grad(y.float().pow(2).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (y.float().sum() + grad_w.float().pow(2).sum()).backward()
