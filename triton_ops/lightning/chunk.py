@@ -913,14 +913,15 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     # dq: forwards scan of (do, v, k) over the transposed forward state.
     initial_t = initial_state.transpose(-1, -2) if initial_state is not None else None
     if start_states is not None:
-        got = f"got {tuple(start_states.shape)} {start_states.dtype}"
+        got = f"got {tuple(start_states.shape)} {start_states.dtype} on {start_states.device}"
         if K != V or plan_k.single:
             raise ValueError(f"lightning_chunk_bwd: these shapes have no start states to reuse (K = {K}, V = {V}, "
                              f"one segment per sequence: {plan_k.single}); start_states must be None, {got}")
         expected = (_start_slots(plan_k), H, K, V)
-        if tuple(start_states.shape) != expected or start_states.dtype != torch.float32:
+        if (tuple(start_states.shape) != expected or start_states.dtype != torch.float32
+                or start_states.device != q.device):
             raise ValueError(f"lightning_chunk_bwd: start_states must be the forward's, of shape {expected} float32 "
-                             f"here, {got}")
+                             f"on {q.device} here, {got}")
         starts_t = start_states.transpose(-1, -2)
     else:
         starts_t = None if plan_k.single else _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, False)
