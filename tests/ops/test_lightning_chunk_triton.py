@@ -212,7 +212,8 @@ def test_segmenting_does_not_change_the_result():
 def test_backward_reuses_the_forward_start_states(lengths):
     """The forward returns its segment start states in the shape `start_states_shape` predicts; the backward
     given them computes what it computes from scratch (up to fp32 rounding: the forward decays v, the recomputation
-    k); start states of another shape or on another device are refused, naming the argument."""
+    k), and it does use them: shifted start states move dq and nothing else; start states of another shape or on
+    another device are refused, naming the argument."""
     device = triton_device()
     case = Case(B=1, T=150, H=2, K=32, V=32, dtype=torch.float32, lengths=lengths, with_initial=True,
                 with_dfinal=True, strength=0.01, scale=0.2, segment_len=64, seed=17)
@@ -225,6 +226,12 @@ def test_backward_reuses_the_forward_start_states(lengths):
     recomputed = _kernels(x, case.scale, 64, reuse_start_states=False)
     for name in recomputed:
         torch.testing.assert_close(reused[name], recomputed[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    dq, dk, dv, dinitial = chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale,
+                                                     x["initial_state"], x["cu_seqlens"], x["do"], x["dfinal"],
+                                                     segment_len=64, start_states=starts + 1.0)
+    assert (dq - reused["dq"]).abs().max() > 1e-3
+    for name, got in (("dk", dk), ("dv", dv), ("dinitial_state", dinitial)):
+        torch.testing.assert_close(got, reused[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
     for wrong in (starts[1:], starts.to("meta")):
         with pytest.raises(ValueError, match="start_states"):
             chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale, x["initial_state"],

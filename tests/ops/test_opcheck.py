@@ -94,13 +94,17 @@ def _registered_op_ran(fn, name: str) -> bool:
     return any(event.name == f"hypenet::{name}" for event in prof.events())
 
 
+def _rmsnorm_gate_inputs(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Parameter]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, z = randn((1, 5, 128), dtype, device, 0), randn((1, 5, 128), dtype, device, 1)
+    return x, z, torch.nn.Parameter(randn((128,), dtype, device, 2))
+
+
 def test_eager_calls_bypass_the_registered_op(triton_dev):
     """Eager calls run the implementation without the dispatcher, through a plain autograd.Function when autograd
     records them; values and gradients equal those of the registered op."""
-    dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
-    x, z = randn((1, 5, 128), dtype, triton_dev, 0), randn((1, 5, 128), dtype, triton_dev, 1)
-    w = torch.nn.Parameter(randn((128,), dtype, triton_dev, 2))
-    dy = randn((1, 5, 128), dtype, triton_dev, 3)
+    x, z, w = _rmsnorm_gate_inputs(triton_dev)
+    dy = randn((1, 5, 128), x.dtype, triton_dev, 3)
     eps = 1e-6
 
     def call():
@@ -120,9 +124,7 @@ def test_eager_calls_bypass_the_registered_op(triton_dev):
 def test_double_backward_raises_instead_of_dropping_terms(triton_dev):
     """The kernels' backwards have no derivatives of their own: a loss that differentiates a gradient again (a
     gradient penalty) must fail, not treat the penalty as a constant."""
-    dtype = torch.bfloat16 if triton_dev == "cuda" else torch.float32
-    x, z = randn((1, 5, 128), dtype, triton_dev, 0), randn((1, 5, 128), dtype, triton_dev, 1)
-    w = torch.nn.Parameter(randn((128,), dtype, triton_dev, 2))
+    x, z, w = _rmsnorm_gate_inputs(triton_dev)
     y = ops.rmsnorm_gate(x, z, w, backend="triton")
     (grad_w,) = torch.autograd.grad(y.float().pow(2).sum(), w, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):

@@ -105,6 +105,12 @@ def _search_sorted(offsets, i, N, SEARCH_STEPS: tl.constexpr):
 
 
 @triton.jit
+def _state_tile(states, n, i_h, o_a, o_c, stride_n, stride_h, stride_a, stride_c):
+    """Pointers to rows o_a, columns o_c of state n (64-bit), head i_h of a [*, H, DA, DC] tensor given by strides."""
+    return states + n.to(tl.int64) * stride_n + i_h * stride_h + o_a[:, None] * stride_a + o_c[None, :] * stride_c
+
+
+@triton.jit
 def _chunk_state_update(state, b_blk, c_blk, o_t, length, log_decay, state_in_scale,
                         REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Advance the [DA, BV] state over one chunk of `length` real rows: forwards
@@ -345,8 +351,7 @@ def lightning_attn_fwd_kernel_segment_states(
             state = _segment_contribution(b, c, log_decay, bos, seq_len, i_s * seg_len, seg_len, i_h, o_c, H,
                                           state_in_scale, DA, DC, BT, BV, REVERSE, DOT_PRECISION)
             slot = (first_chunk + i_s * seg_chunks) // seg_chunks
-            p_s = seg_states + ((slot.to(tl.int64) * H + i_h) * DA + tl.arange(0, DA)[:, None]) * DC + o_c[None, :]
-            tl.store(p_s, state)
+            tl.store(_state_tile(seg_states, slot, i_h, tl.arange(0, DA), o_c, H * DA * DC, DA * DC, DC, 1), state)
     else:
         pid = tl.program_id(0)
         i_v = pid % NV
@@ -362,8 +367,7 @@ def lightning_attn_fwd_kernel_segment_states(
             state = _segment_contribution(b, c, log_decay, (i_seg // num_segs).to(tl.int64) * T, T, i_s * seg_len,
                                           seg_len, i_h, o_c, H, state_in_scale, DA, DC, BT, BV, REVERSE,
                                           DOT_PRECISION)
-            p_s = seg_states + ((i_seg.to(tl.int64) * H + i_h) * DA + tl.arange(0, DA)[:, None]) * DC + o_c[None, :]
-            tl.store(p_s, state)
+            tl.store(_state_tile(seg_states, i_seg, i_h, tl.arange(0, DA), o_c, H * DA * DC, DA * DC, DC, 1), state)
 
 
 @triton.jit
@@ -441,8 +445,8 @@ def lightning_attn_fwd_kernel_segment_scan(
         o_a = i_r * BR + tl.arange(0, BR)
         o_c = i_v * BV + tl.arange(0, BV)
         if HAS_INITIAL:
-            p_init = (initial_state + i_n.to(tl.int64) * stride_init_n + i_h * stride_init_h
-                      + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
+            p_init = _state_tile(initial_state, i_n, i_h, o_a, o_c, stride_init_n, stride_init_h, stride_init_a,
+                                 stride_init_c)
             running = tl.load(p_init).to(tl.float32)
         else:
             running = tl.zeros([BR, BV], dtype=tl.float32)
@@ -523,11 +527,11 @@ def lightning_attn_fwd_kernel_output(
 
     if HAS_START:
         if START_PER_SEGMENT:
-            row = i_seg.to(tl.int64)
+            row = i_seg
         else:
-            row = i_n.to(tl.int64)
-        p_start = (start_state + row * stride_start_n + i_h * stride_start_h
-                   + o_a[:, None] * stride_start_a + o_c[None, :] * stride_start_c)
+            row = i_n
+        p_start = _state_tile(start_state, row, i_h, o_a, o_c, stride_start_n, stride_start_h, stride_start_a,
+                              stride_start_c)
         state = tl.load(p_start).to(tl.float32)
     else:
         state = tl.zeros([DA, BV], dtype=tl.float32)
@@ -549,8 +553,8 @@ def lightning_attn_fwd_kernel_output(
         else:
             is_end = i_s == num_segs - 1
         if is_end:
-            p_final = (final_state + i_n.to(tl.int64) * stride_final_n + i_h * stride_final_h
-                       + o_a[:, None] * stride_final_a + o_c[None, :] * stride_final_c)
+            p_final = _state_tile(final_state, i_n, i_h, o_a, o_c, stride_final_n, stride_final_h, stride_final_a,
+                                  stride_final_c)
             tl.store(p_final, state)
 
 
@@ -591,21 +595,17 @@ def lightning_attn_fwd_kernel_output_packed(
         o_c = i_v * BV + tl.arange(0, BV)
         mask = _decayed_causal_mask(ld, o_t, scale, REVERSE)
         if REVERSE:
-            opens_flag, closes_flag, edge, entry = 2, 1, c_end - 1, i_p + 1
+            opens_flag, closes_flag, edge, entry, step = 2, 1, c_end - 1, i_p + 1, -1
         else:
-            opens_flag, closes_flag, edge, entry = 1, 2, c_begin, i_p
+            opens_flag, closes_flag, edge, entry, step = 1, 2, c_begin, i_p, 1
         # The table entry of the next chunk is loaded one iteration ahead: the chunk's loads depend on its first
         # token, and a load issued in the loop body would put a dependent round trip in front of every chunk.
-        if REVERSE:
-            step = -1
-        else:
-            step = 1
         tok_next, length_next, seq_next, flags_next = _chunk_entry(chunk_table, edge)
         state = tl.zeros([DA, BV], dtype=tl.float32)
         if HAS_RANGE_STATES:
             if (flags_next & opens_flag) == 0:
-                p_range = (range_states + entry.to(tl.int64) * stride_range_n + i_h * stride_range_h
-                           + o_a[:, None] * stride_range_a + o_c[None, :] * stride_range_c)
+                p_range = _state_tile(range_states, entry, i_h, o_a, o_c, stride_range_n, stride_range_h,
+                                      stride_range_a, stride_range_c)
                 state = tl.load(p_range)
         # Sequence opens and closes are scalar branches: a tile-shaped masked load or store in every iteration
         # (most of them masked off) made packed calls with initial or final states ~1.9x slower (benches/NOTES.md).
@@ -615,8 +615,8 @@ def lightning_attn_fwd_kernel_output_packed(
             tok_next, length_next, seq_next, flags_next = _chunk_entry(chunk_table, ahead)
             if (flags & opens_flag) != 0:
                 if HAS_INITIAL:
-                    p_init = (initial_state + seq * stride_init_n + i_h * stride_init_h
-                              + o_a[:, None] * stride_init_a + o_c[None, :] * stride_init_c)
+                    p_init = _state_tile(initial_state, seq, i_h, o_a, o_c, stride_init_n, stride_init_h,
+                                         stride_init_a, stride_init_c)
                     state = tl.load(p_init).to(tl.float32)
                 else:
                     state = tl.zeros([DA, BV], dtype=tl.float32)
@@ -625,8 +625,8 @@ def lightning_attn_fwd_kernel_output_packed(
                                   DOT_PRECISION)
             if STORE_FINAL:
                 if (flags & closes_flag) != 0:
-                    p_final = (final_state + seq * stride_final_n + i_h * stride_final_h
-                               + o_a[:, None] * stride_final_a + o_c[None, :] * stride_final_c)
+                    p_final = _state_tile(final_state, seq, i_h, o_a, o_c, stride_final_n, stride_final_h,
+                                          stride_final_a, stride_final_c)
                     tl.store(p_final, state)
 
 
@@ -638,21 +638,23 @@ def lightning_attn_fwd_kernel_output_packed(
 class _Segments:
     """How an equal-length batch is cut for one launch (a pure function of shapes and the device).
 
-    seg_len: tokens per segment (a multiple of CHUNK), num_segs: segments per sequence, single: one segment per
-    sequence (only the output stage runs)."""
+    seg_len: tokens per segment (a multiple of CHUNK), num_segs: segments per sequence."""
     N: int
     T: int
     seg_len: int
     num_segs: int
-    single: bool
+
+    @property
+    def single(self) -> bool:
+        """One segment per sequence: only the output stage runs."""
+        return self.num_segs == 1
 
 
 @dataclass(frozen=True)
 class _Packed:
     """How a packed batch is cut (see the module docstring): device tables plus the host-side bounds that size the
     launches. seg_len: tokens per state segment; ranges: output ranges launched (the tables may leave the last ones
-    empty); max_chunks: bound on the chunk count (T // CHUNK + N); single: one range, so no range starts inside
-    a sequence and the segment stages are skipped."""
+    empty); max_chunks: bound on the chunk count (T // CHUNK + N)."""
     N: int
     T: int
     seg_len: int
@@ -667,7 +669,11 @@ class _Packed:
     cut_fwd: Tensor  # [ranges + 1] offsets of their segments in the forwards segment-stage work list
     cut_rev: Tensor  # [ranges + 1] the same for the backwards stages
     meta: Tensor  # [3] (chunks, chunks per range, cut sequences)
-    single: bool
+
+    @property
+    def single(self) -> bool:
+        """One range: no range starts inside a sequence, so the segment stages are skipped."""
+        return self.ranges == 1
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -689,7 +695,7 @@ def _plan_segments(T: int, N: int, H: int, DC: int, device: torch.device, segmen
         num_segs = max(1, min(_resident_programs(device) // max(1, N * tiles), triton.cdiv(T, MIN_SEGMENT)))
         seg_len = triton.cdiv(triton.cdiv(max(T, 1), num_segs), CHUNK) * CHUNK
     num_segs = max(1, triton.cdiv(T, seg_len))
-    return _Segments(N, T, seg_len, num_segs, num_segs == 1)
+    return _Segments(N, T, seg_len, num_segs)
 
 
 def _packed_ranges(T: int, N: int, H: int, DC: int, device: torch.device,
@@ -725,7 +731,7 @@ def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optio
         SEG_CHUNKS=seg_chunks, BT=CHUNK, SEARCH_STEPS=max(1, N.bit_length()), BLOCK=TABLE_BLOCK,
     )
     return _Packed(N, T, seg_chunks * CHUNK, ranges, max_chunks, cu_seqlens, chunk_offsets, seg_offsets,
-                   chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta, ranges == 1)
+                   chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta)
 
 
 def _block_v(DC: int) -> int:
