@@ -59,10 +59,10 @@ def _ours(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:
     from triton_ops.lightning.chunk import lightning_chunk_bwd, lightning_chunk_train_fwd
 
     def run(x, g, scale):
-        o, _, starts = lightning_chunk_train_fwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, False)
-        if backward:  # as the op's autograd does: the backward reuses the forward's segment start states
+        o, _, starts, tables = lightning_chunk_train_fwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, False)
+        if backward:  # as the op's autograd does: the backward reuses the forward's start states and packed tables
             return lightning_chunk_bwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, x["do"], None,
-                                       start_states=starts)[:3]
+                                       start_states=starts, packed_tables=tables)[:3]
         return o
     return run
 

@@ -57,7 +57,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32, or None unless asked.
     Differentiable in q, k, v and initial_state. Under autograd the Triton backend also keeps the fp32 states at
     which its parallel segments start (when a sequence is cut into segments: [segments, H, K, V], 8 MB at B1 T65536
-    H16 K=V=128), so that the backward does not recompute them.
+    H16 K=V=128) and, with cu_seqlens, its int32 chunk tables, so that the backward does not recompute them.
     """
     B, T, H, K, V = _check_qkv(q, k, v)
     device = q.device
@@ -82,47 +82,53 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
     chosen = select_backend("lightning_attn", backend, device, reasons)
     if chosen == "reference":
         return lightning_attn_ref(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-    o, final_state, _ = _lightning_attn_fwd_op(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                               cu_seqlens, chosen)
+    o, final_state, _, _ = _lightning_attn_fwd_op(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                                  cu_seqlens, chosen)
     return o, (final_state if output_final_state else None)
 
 
 def _lightning_attn_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], output_final_state: bool, cu_seqlens: Optional[Tensor],
-                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """o, final_state and the forward's segment start states, which the backward reuses (custom ops return tensors
-    only: an empty tensor stands for "not asked" or "none")."""
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """o, final_state, and what the backward reuses: the forward's segment start states and its packed-batch tables
+    (custom ops return tensors only: an empty tensor stands for "not asked" or "none")."""
     kernels = load_kernel_module(CHUNK_MODULE)
-    o, final_state, start_states = kernels.lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state,
-                                                                     cu_seqlens, output_final_state)
-    return o, _or_empty(final_state, q), _or_empty(start_states, q)
+    o, final_state, start_states, packed_tables = kernels.lightning_chunk_train_fwd(
+        q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state)
+    return o, _or_empty(final_state, q), _or_empty(start_states, q), _or_empty(packed_tables, q, torch.int32)
 
 
-def _or_empty(state: Optional[Tensor], like: Tensor) -> Tensor:
-    return state if state is not None else like.new_empty(0, dtype=torch.float32)
+def _or_empty(t: Optional[Tensor], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return t if t is not None else like.new_empty(0, dtype=dtype)
+
+
+def _or_none(t: Tensor) -> Optional[Tensor]:
+    return t if t.numel() else None
 
 
 def _lightning_attn_fwd_fake(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, backend):
     B, T, H, _ = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_shape = (N, H, q.shape[-1], v.shape[-1]) if output_final_state else (0,)
-    starts_shape = load_kernel_module(CHUNK_MODULE).start_states_shape(q, v, cu_seqlens)
+    kernels = load_kernel_module(CHUNK_MODULE)
     return (v.new_empty(B, T, H, v.shape[-1], dtype=q.dtype), q.new_empty(state_shape, dtype=torch.float32),
-            q.new_empty(starts_shape, dtype=torch.float32))
+            q.new_empty(kernels.start_states_shape(q, v, cu_seqlens), dtype=torch.float32),
+            q.new_empty(kernels.packed_tables_shape(q, v, cu_seqlens), dtype=torch.int32))
 
 
 def _lightning_attn_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
                         dfinal_state: Optional[Tensor], start_states: Optional[Tensor],
-                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        packed_tables: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = load_kernel_module(CHUNK_MODULE)
     dq, dk, dv, dinitial = kernels.lightning_chunk_bwd(q, k, v, log_decay, scale, initial_state, cu_seqlens, do,
-                                                       dfinal_state, start_states=start_states)
+                                                       dfinal_state, start_states=start_states,
+                                                       packed_tables=packed_tables)
     return dq, dk, dv, _or_empty(dinitial, q)
 
 
 def _lightning_attn_bwd_fake(q, k, v, log_decay, scale, initial_state, cu_seqlens, do, dfinal_state, start_states,
-                             backend):
+                             packed_tables, backend):
     dinitial = (torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None
                 else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinitial
@@ -133,19 +139,19 @@ _lightning_attn_bwd_op = kernel_op("hypenet::lightning_attn_bwd", _lightning_att
 
 def _lightning_setup(ctx, inputs, output):
     q, k, v, log_decay, scale, initial_state, _, cu_seqlens, backend = inputs
-    start_states = output[2]
-    ctx.mark_non_differentiable(start_states)
-    ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens, start_states)
+    start_states, packed_tables = output[2], output[3]
+    ctx.mark_non_differentiable(start_states, packed_tables)
+    ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens, start_states, packed_tables)
     ctx.scale, ctx.backend = scale, backend
 
 
-def _lightning_backward(ctx, do, dfinal_state, _):
-    q, k, v, log_decay, initial_state, cu_seqlens, start_states = ctx.saved_tensors
+def _lightning_backward(ctx, do, dfinal_state, _start_states, _packed_tables):
+    q, k, v, log_decay, initial_state, cu_seqlens, start_states, packed_tables = ctx.saved_tensors
     if dfinal_state is not None and dfinal_state.numel() == 0:
         dfinal_state = None
     dq, dk, dv, dinitial = _lightning_attn_bwd_op(q, k, v, log_decay, ctx.scale, initial_state, cu_seqlens,
-                                                  do.contiguous(), dfinal_state,
-                                                  start_states if start_states.numel() else None, ctx.backend)
+                                                  do.contiguous(), dfinal_state, _or_none(start_states),
+                                                  _or_none(packed_tables), ctx.backend)
     return dq, dk, dv, None, None, (dinitial if initial_state is not None else None), None, None, None
 
 

@@ -57,7 +57,7 @@ class Case:
     scale: float
     segment_len: Optional[int]
     seed: int
-    reuse_start_states: bool = True  # the backward takes the forward's start states (as the op does)
+    reuse_forward: bool = True  # the backward takes the forward's start states and packed tables (as the op does)
 
     @property
     def N(self) -> int:
@@ -103,14 +103,17 @@ def _reference(x: dict, scale: float, to_fp64: bool) -> dict:
     return result
 
 
-def _kernels(x: dict, scale: float, segment_len: Optional[int], reuse_start_states: bool = True) -> dict:
-    o, final, starts = chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
-                                                       x["initial_state"], x["cu_seqlens"], True,
-                                                       segment_len=segment_len)
+def _kernels(x: dict, scale: float, segment_len: Optional[int], reuse_forward: bool = True) -> dict:
+    """Forward and backward through the launchers; reuse_forward: the backward gets what the forward returned
+    for it (start states and packed tables), else it recomputes them."""
+    o, final, starts, tables = chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
+                                                               x["initial_state"], x["cu_seqlens"], True,
+                                                               segment_len=segment_len)
     dq, dk, dv, dinitial = chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
                                                      x["initial_state"], x["cu_seqlens"], x["do"], x["dfinal"],
                                                      segment_len=segment_len,
-                                                     start_states=starts if reuse_start_states else None)
+                                                     start_states=starts if reuse_forward else None,
+                                                     packed_tables=tables if reuse_forward else None)
     result = {"o": o, "final_state": final, "dq": dq, "dk": dk, "dv": dv}
     if x["initial_state"] is not None:
         result["dinitial_state"] = dinitial
@@ -137,7 +140,7 @@ def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> No
 def _check_case(case: Case, device: str) -> None:
     x = _make_inputs(case, device)
     scale = case.scale
-    got = _kernels(x, scale, case.segment_len, case.reuse_start_states)
+    got = _kernels(x, scale, case.segment_len, case.reuse_forward)
     _assert_matches(got, _reference(x, scale, to_fp64=False), _reference(x, scale, to_fp64=True), case.dtype)
 
 
@@ -155,7 +158,7 @@ def dense_cases(draw, dtypes, head_dims, max_batch, max_heads, max_tokens, segme
                 dtype=draw(st.sampled_from(dtypes)), lengths=None, with_initial=draw(st.booleans()),
                 with_dfinal=draw(st.booleans()), strength=draw(st.sampled_from(STRENGTHS)),
                 scale=draw(st.sampled_from([K ** -0.5, 1.0, 0.05])), segment_len=draw(st.sampled_from(segment_lens)),
-                seed=draw(st.integers(0, 2**16)), reuse_start_states=draw(st.booleans()))
+                seed=draw(st.integers(0, 2**16)), reuse_forward=draw(st.booleans()))
 
 
 @st.composite
@@ -167,7 +170,7 @@ def packed_cases(draw, dtypes, head_dims, max_heads, max_tokens, max_sequences, 
                 lengths=lengths, with_initial=draw(st.booleans()), with_dfinal=draw(st.booleans()),
                 strength=draw(st.sampled_from(STRENGTHS)), scale=K ** -0.5,
                 segment_len=draw(st.sampled_from(segment_lens)), seed=draw(st.integers(0, 2**16)),
-                reuse_start_states=draw(st.booleans()))
+                reuse_forward=draw(st.booleans()))
 
 
 # ------------------------------------------------------------------------------------------------ CPU / any device
@@ -222,8 +225,8 @@ def test_backward_reuses_the_forward_start_states(lengths):
                                              x["cu_seqlens"], False, segment_len=64)[2]
     assert starts is not None and starts.shape == chunk.start_states_shape(x["q"], x["v"], x["cu_seqlens"],
                                                                            segment_len=64)
-    reused = _kernels(x, case.scale, 64, reuse_start_states=True)
-    recomputed = _kernels(x, case.scale, 64, reuse_start_states=False)
+    reused = _kernels(x, case.scale, 64, reuse_forward=True)
+    recomputed = _kernels(x, case.scale, 64, reuse_forward=False)
     for name in recomputed:
         torch.testing.assert_close(reused[name], recomputed[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     dq, dk, dv, dinitial = chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale,
@@ -236,6 +239,39 @@ def test_backward_reuses_the_forward_start_states(lengths):
         with pytest.raises(ValueError, match="start_states"):
             chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale, x["initial_state"],
                                       x["cu_seqlens"], x["do"], x["dfinal"], segment_len=64, start_states=wrong)
+
+
+def test_backward_reuses_the_forward_packed_tables():
+    """Packed batches: the forward returns its chunk tables in the shape `packed_tables_shape` predicts; the
+    backward given them computes exactly what it computes after building them itself, and it does read them (the
+    tables of other lengths with the same shape give other gradients); tables of another shape or dtype, or without
+    cu_seqlens, are refused, naming the argument."""
+    device = triton_device()
+    case = Case(B=1, T=150, H=2, K=16, V=32, dtype=torch.float32, lengths=[37, 113], with_initial=True,
+                with_dfinal=True, strength=0.01, scale=0.2, segment_len=64, seed=23)
+    x = _make_inputs(case, device)
+
+    def forward_tables(cu_seqlens):
+        return chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale, x["initial_state"],
+                                               cu_seqlens, False, segment_len=64)[3]
+
+    def backward(cu_seqlens, tables):
+        return chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], case.scale, x["initial_state"],
+                                         cu_seqlens, x["do"], x["dfinal"], segment_len=64, packed_tables=tables)
+
+    tables = forward_tables(x["cu_seqlens"])
+    assert tables.dtype == torch.int32
+    assert tables.shape == chunk.packed_tables_shape(x["q"], x["v"], x["cu_seqlens"], segment_len=64)
+    rebuilt = backward(x["cu_seqlens"], None)
+    for name, got, want in zip(("dq", "dk", "dv", "dinitial_state"), backward(x["cu_seqlens"], tables), rebuilt):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    swapped = torch.tensor([0, 113, 150], dtype=x["cu_seqlens"].dtype, device=device)
+    wrong_dv = backward(x["cu_seqlens"], forward_tables(swapped))[2]  # K != V: the V-column scans use the tables
+    assert (wrong_dv - rebuilt[2]).abs().max() > 1e-3
+    for cu_seqlens, wrong in ((x["cu_seqlens"], tables[1:]), (x["cu_seqlens"], tables.to(torch.int64)),
+                              (None, tables)):
+        with pytest.raises(ValueError, match="packed_tables"):
+            backward(cu_seqlens, wrong)
 
 
 def test_no_start_states_without_segments_or_with_unequal_head_dims():

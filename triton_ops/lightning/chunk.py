@@ -661,6 +661,7 @@ class _Packed:
     ranges: int
     max_chunks: int
     cu_seqlens: Tensor
+    tables: Tensor  # the int32 buffer all the tables below are views of
     chunk_offsets: Tensor  # [N + 1] first chunk of every sequence
     seg_offsets: Tensor  # [N + 1] first segment of every sequence
     chunk_table: Tensor  # [max_chunks, 4] (first token, real rows, sequence, flags)
@@ -713,24 +714,35 @@ def _packed_ranges(T: int, N: int, H: int, DC: int, device: torch.device,
     return max_chunks, ranges, 0, SEGMENT_CHUNKS
 
 
-def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optional[int]) -> _Packed:
-    """Build the chunk and range tables of N packed sequences (T tokens) on the device (`_packed_ranges`)."""
+def _packed_table_sizes(N: int, max_chunks: int, ranges: int) -> list[int]:
+    """Lengths of the int32 tables of a packed plan, in the order `_Packed` lists them (one buffer holds all)."""
+    return [N + 1, N + 1, 4 * max_chunks, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
+
+
+def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optional[int],
+                 tables: Optional[Tensor] = None) -> _Packed:
+    """Build the chunk and range tables of N packed sequences (T tokens) on the device (`_packed_ranges`), or take
+    them from `tables`: the buffer an earlier plan of the same inputs built (`_Packed.tables`)."""
     N = cu_seqlens.numel() - 1
     device = cu_seqlens.device
     max_chunks, ranges, range_chunks, seg_chunks = _packed_ranges(T, N, H, DC, device, segment_len)
-    max_segments = max_chunks // seg_chunks + N
-    sizes = [N + 1, N + 1, 4 * max_chunks, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
-    ints = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+    sizes = _packed_table_sizes(N, max_chunks, ranges)
+    if tables is None:
+        ints = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+    else:
+        ints = tables
     chunk_offsets, seg_offsets, chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta = torch.split(ints, sizes)
-    lightning_attn_packed_offsets_kernel[(1,)](
-        cu_seqlens, chunk_offsets, seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, meta, N, ranges,
-        range_chunks, SEG_CHUNKS=seg_chunks, BT=CHUNK, BLOCK=TABLE_BLOCK,
-    )
-    lightning_attn_packed_tables_kernel[(triton.cdiv(max(max_chunks, max_segments), TABLE_BLOCK),)](
-        cu_seqlens, chunk_offsets, seg_offsets, chunk_table, range_table, meta, N,
-        SEG_CHUNKS=seg_chunks, BT=CHUNK, SEARCH_STEPS=max(1, N.bit_length()), BLOCK=TABLE_BLOCK,
-    )
-    return _Packed(N, T, seg_chunks * CHUNK, ranges, max_chunks, cu_seqlens, chunk_offsets, seg_offsets,
+    if tables is None:
+        lightning_attn_packed_offsets_kernel[(1,)](
+            cu_seqlens, chunk_offsets, seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, meta, N, ranges,
+            range_chunks, SEG_CHUNKS=seg_chunks, BT=CHUNK, BLOCK=TABLE_BLOCK,
+        )
+        max_segments = max_chunks // seg_chunks + N
+        lightning_attn_packed_tables_kernel[(triton.cdiv(max(max_chunks, max_segments), TABLE_BLOCK),)](
+            cu_seqlens, chunk_offsets, seg_offsets, chunk_table, range_table, meta, N,
+            SEG_CHUNKS=seg_chunks, BT=CHUNK, SEARCH_STEPS=max(1, N.bit_length()), BLOCK=TABLE_BLOCK,
+        )
+    return _Packed(N, T, seg_chunks * CHUNK, ranges, max_chunks, cu_seqlens, ints, chunk_offsets, seg_offsets,
                    chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta)
 
 
@@ -821,16 +833,17 @@ def _scan(a: Tensor, b: Tensor, c: Tensor, log_decay: Tensor, scale: float, stat
     return out
 
 
-def _plan(q: Tensor, DC: int, cu_seqlens: Optional[Tensor], segment_len: Optional[int]) -> _Segments | _Packed:
+def _plan(q: Tensor, DC: int, cu_seqlens: Optional[Tensor], segment_len: Optional[int],
+          packed_tables: Optional[Tensor] = None) -> _Segments | _Packed:
     B, T, H, _ = q.shape
     if cu_seqlens is not None:
-        return _plan_packed(T, cu_seqlens, H, DC, segment_len)
+        return _plan_packed(T, cu_seqlens, H, DC, segment_len, packed_tables)
     return _plan_segments(T, B, H, DC, q.device, segment_len)
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, cu_seqlens: Optional[Tensor],
-             segment_len: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor],
-                                                  _Segments | _Packed]:
+             segment_len: Optional[int], packed_tables: Optional[Tensor] = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], _Segments | _Packed]:
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"lightning_chunk: {reason}")
@@ -838,7 +851,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, cu_seqlens: Opt
     log_decay = log_decay.to(torch.float32).contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
-    return q, k, v, log_decay, cu_seqlens, _plan(q, v.shape[-1], cu_seqlens, segment_len)
+    return q, k, v, log_decay, cu_seqlens, _plan(q, v.shape[-1], cu_seqlens, segment_len, packed_tables)
 
 
 def start_states_shape(q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], *,
@@ -858,11 +871,23 @@ def start_states_shape(q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], *,
     return (slots, H, K, V) if slots else (0,)
 
 
+def packed_tables_shape(q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], *,
+                        segment_len: Optional[int] = None) -> tuple[int]:
+    """Shape of the int32 packed-batch tables `lightning_chunk_train_fwd` returns, (0,) where it returns None
+    (no cu_seqlens). Host-side only, like `start_states_shape`."""
+    if cu_seqlens is None:
+        return (0,)
+    _, T, H, _ = q.shape
+    N = cu_seqlens.shape[0] - 1
+    max_chunks, ranges = _packed_ranges(T, N, H, v.shape[-1], q.device, segment_len)[:2]
+    return (sum(_packed_table_sizes(N, max_chunks, ranges)),)
+
+
 def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool,
                         *, segment_len: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Forward of Lightning Attention (`lightning_chunk_train_fwd` without the start states)."""
-    o, final, _ = lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state,
+    """Forward of Lightning Attention (`lightning_chunk_train_fwd` without what the backward reuses)."""
+    o, final, _, _ = lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state,
                                             segment_len=segment_len)
     return o, final
 
@@ -870,10 +895,12 @@ def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
 def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                               initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                               output_final_state: bool, *, segment_len: Optional[int] = None
-                              ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Forward of Lightning Attention that also returns the states it started its segments (packed: ranges) from.
-    The backward's dq scan starts from the same states, transposed: `lightning_chunk_bwd(..., start_states=...)`
-    reuses them instead of reading k and v once more for the segment stages.
+                              ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Forward of Lightning Attention that also returns what its backward can reuse: the states it started its
+    segments (packed: ranges) from, and for packed batches the device tables that cut them into chunks and ranges.
+    The backward's dq scan starts from the same states, transposed, and its scans walk the same chunks:
+    `lightning_chunk_bwd(..., start_states=..., packed_tables=...)` reuses them instead of reading k and v once more
+    for the segment stages and building the tables again.
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (bf16, fp16 or fp32, one dtype).
@@ -886,32 +913,41 @@ def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor
             from the shapes and the device.
     Returns:
         o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32 or None; start states of shape
-        `start_states_shape(q, v, cu_seqlens)` float32, or None when that is (0,).
+        `start_states_shape(q, v, cu_seqlens)` float32, or None when that is (0,); packed tables of shape
+        `packed_tables_shape(q, v, cu_seqlens)` int32, or None without cu_seqlens.
     """
     q, k, v, log_decay, cu_seqlens, plan = _prepare(q, k, v, log_decay, cu_seqlens, segment_len)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     final = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     starts = None if plan.single else _segment_start_states(k, v, log_decay, 1.0, initial_state, plan, False)
     o = _scan(q, k, v, log_decay, scale, 1.0, scale, starts, initial_state, plan, False, final, q.dtype)
-    return o, final, (starts if K == V else None)
+    return o, final, (starts if K == V else None), (plan.tables if isinstance(plan, _Packed) else None)
 
 
 def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
                         dfinal_state: Optional[Tensor], *, segment_len: Optional[int] = None,
-                        start_states: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                        start_states: Optional[Tensor] = None, packed_tables: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Backward of Lightning Attention (inputs as in `lightning_chunk_fwd`).
 
     Args:
         do: [B, T, H, V] gradient of o.
         dfinal_state: [N, H, K, V] gradient of final_state, or None (zero).
-        start_states: what `lightning_chunk_train_fwd` returned for the same inputs and segment_len, or None
-            (recomputed).
+        start_states, packed_tables: what `lightning_chunk_train_fwd` returned for the same inputs and segment_len,
+            or None (recomputed).
     Returns:
         dq [B, T, H, K], dk [B, T, H, K], dv [B, T, H, V] in q.dtype; d initial_state [N, H, K, V] float32
         (None when initial_state is None).
     """
-    q, k, v, log_decay, cu_seqlens, plan_v = _prepare(q, k, v, log_decay, cu_seqlens, segment_len)
+    if packed_tables is not None:
+        got = f"got {tuple(packed_tables.shape)} {packed_tables.dtype} on {packed_tables.device}"
+        expected = packed_tables_shape(q, v, cu_seqlens, segment_len=segment_len)
+        if (cu_seqlens is None or tuple(packed_tables.shape) != expected or packed_tables.dtype != torch.int32
+                or packed_tables.device != q.device):
+            raise ValueError(f"lightning_chunk_bwd: packed_tables must be the forward's, of shape {expected} int32 "
+                             f"on {q.device} here (None without cu_seqlens), {got}")
+    q, k, v, log_decay, cu_seqlens, plan_v = _prepare(q, k, v, log_decay, cu_seqlens, segment_len, packed_tables)
     do = do.to(q.dtype).contiguous()
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     plan_k = plan_v if K == V else _plan(q, K, cu_seqlens, segment_len)
