@@ -30,7 +30,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import hypenet.ops
-from hypenet.ops.reference.hype_attention import hype_attn_decode_ref, hype_attn_ref
+from hypenet.ops.reference.hype_attention import hype_attn_decode_ref, hype_attn_lse_ref, hype_attn_ref
 from tests.conftest import HAS_CUDA, triton_device
 from tests.strategies import randn
 from tests.tolerance import assert_close_to_ref
@@ -41,6 +41,7 @@ F64 = torch.float64
 # norm-wise relative error.
 ATOL_OF_MAX = {torch.float32: 2.0 ** -17, torch.float16: 2.0 ** -8, torch.bfloat16: 2.0 ** -5}
 NORM_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+LSE_ATOL_OF_MAX = 2.0 ** -12
 GPU_DTYPES = [torch.bfloat16, torch.float16]  # fp32 on CUDA is refused (no tensor-core path): see fwd.inputs_reason
 # The tests below that run on any device: fp32 / fp16 under the interpreter (its bf16 tl.dot is wrong), 16-bit on
 # a GPU.
@@ -90,13 +91,25 @@ def _make_inputs(case: Case, device: str) -> dict:
     return x
 
 
-def _reference(x: dict, case: Case, to_fp64: bool) -> dict:
-    """o and the gradients of q, k, v from the reference (inputs upcast to fp64, or as they are)."""
+def _reference(x: dict, case: Case, to_fp64: bool, delta_error: Optional[torch.Tensor] = None) -> dict:
+    """o, lse and the gradients of q, k, v from the reference (inputs upcast to fp64, or as they are).
+
+    delta_error [B, T, Hq]: the gradients the backward should give when its delta is off by this much. Like every
+    flash-attention backward, the kernel forms dS = P * (dP - delta) with delta = rowsum(do * o) from the o it is
+    given, rounded to the input dtype; where dP and delta nearly cancel, that rounding moves dq and dk far more
+    than one rounding of the result would. With delta off by e per row, dq and dk are exactly the gradients of
+    sum(o * do) - sum(e * lse), e held constant (d lse_t / d logits = P_t)."""
     cast = (lambda t: t.to(F64)) if to_fp64 else (lambda t: t)
     leaves = [cast(x[n]).detach().requires_grad_() for n in ("q", "k", "v")]
-    o = hype_attn_ref(*leaves, case.alpha, case.scale, case.causal, x["cu_seqlens_q"], x["cu_seqlens_k"])
-    dq, dk, dv = torch.autograd.grad(o, leaves, cast(x["do"]))
-    return {"o": o.detach(), "dq": dq, "dk": dk, "dv": dv}
+    args = (case.alpha, case.scale, case.causal, x["cu_seqlens_q"], x["cu_seqlens_k"])
+    o = hype_attn_ref(*leaves, *args)
+    lse = hype_attn_lse_ref(*leaves[:2], *args)
+    do = cast(x["do"])
+    objective = (o * do).sum()
+    if delta_error is not None:
+        objective = objective - (delta_error.to(lse.dtype).transpose(1, 2) * lse).sum()
+    dq, dk, dv = torch.autograd.grad(objective, leaves)
+    return {"o": o.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
 def _kernels(x: dict, case: Case) -> dict:
@@ -105,25 +118,34 @@ def _kernels(x: dict, case: Case) -> dict:
     assert lse.dtype == torch.float32 and lse.shape == (case.B, case.Hq, case.T)
     dq, dk, dv = bwd.hype_attn_bwd(x["q"], x["k"], x["v"], o, lse, x["do"], case.alpha, case.scale, case.causal,
                                    x["cu_seqlens_q"], x["cu_seqlens_k"])
-    return {"o": o, "dq": dq, "dk": dk, "dv": dv}
+    return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 
 def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> None:
-    for name, truth in fp64.items():
-        out = got[name]
-        assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
+    for name, out in got.items():
+        truth = fp64[name]
+        # lse is float32 whatever the inputs: only the fp32 sums and exponentials round it.
+        lse = name == "lse"
+        assert out.dtype == (torch.float32 if lse else dtype), f"{name}: dtype {out.dtype}"
         # The inputs are O(1): below magnitude 1 the allowance stays at the ulps of 1 (a gradient that is exactly 0
         # in fp64, e.g. dq with a single key, is round-off in any finite precision).
-        atol = ATOL_OF_MAX[dtype] * max(float(truth.abs().max()), 1.0)
+        atol = (LSE_ATOL_OF_MAX if lse else ATOL_OF_MAX[dtype]) * max(float(truth.abs().max()), 1.0)
         assert_close_to_ref(out, lowp[name], truth, c=2.0, atol=atol, name=name)
         err = float((out.double() - truth).norm())
         bound = NORM_TOL[dtype] * float(truth.norm()) + ATOL_OF_MAX[dtype] * truth.numel() ** 0.5
         assert err <= bound, f"{name}: norm-wise error {err:.3e} > {bound:.3e} (|truth| {float(truth.norm()):.3e})"
 
 
+def _assert_matches_reference(x: dict, case: Case, got: dict) -> None:
+    """got: o and any of lse, dq, dk, dv for these inputs, the gradients from a backward given got's o."""
+    exact_o = _reference(x, case, True)["o"]
+    delta_error = ((got["o"].to(F64) - exact_o) * x["do"].to(F64)).sum(-1)
+    _assert_matches(got, _reference(x, case, False, delta_error), _reference(x, case, True, delta_error), case.dtype)
+
+
 def _check_case(case: Case, device: str) -> None:
     x = _make_inputs(case, device)
-    _assert_matches(_kernels(x, case), _reference(x, case, False), _reference(x, case, True), case.dtype)
+    _assert_matches_reference(x, case, _kernels(x, case))
 
 
 # ------------------------------------------------------------------------------------------------ strategies
@@ -272,7 +294,7 @@ def test_public_ops_run_the_triton_kernels():
                               cu_seqlens_k=x["cu_seqlens_k"], backend="triton")
     dq, dk, dv = torch.autograd.grad(o, leaves, x["do"])
     got = {"o": o.detach(), "dq": dq, "dk": dk, "dv": dv}
-    _assert_matches(got, _reference(x, case, False), _reference(x, case, True), case.dtype)
+    _assert_matches_reference(x, case, got)
 
     dcase = DecodeCase(B=2, Tq=1, Hq=4, Hkv=2, D=64, dtype=EXACT_DTYPE, alpha=500.0, seqlens=[33, 64],
                        capacity=64, block_size=16, num_splits=None, seed=8)
@@ -297,8 +319,7 @@ def test_kernel_configs_other_than_the_tables_match_reference(fwd_config, dkdv_c
     o, lse = fwd.hype_attn_fwd(x["q"], x["k"], x["v"], case.alpha, config=fwd_config)
     dq, dk, dv = bwd.hype_attn_bwd(x["q"], x["k"], x["v"], o, lse, x["do"], case.alpha,
                                    dkdv_config=dkdv_config, dq_config=dq_config)
-    _assert_matches({"o": o, "dq": dq, "dk": dk, "dv": dv}, _reference(x, case, False), _reference(x, case, True),
-                    case.dtype)
+    _assert_matches_reference(x, case, {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv})
 
 
 @pytest.mark.parametrize("config", [(48, 64, 4, 2), (64, 64, 3, 2), (64, 64, 4, 0), [64, 64, 4, 2], (64, 64, 4)])

@@ -24,20 +24,47 @@ def hype_logit_scale(positions: Tensor, alpha: Optional[float], dtype: torch.dty
     return torch.log(positions + alpha) / math.log(alpha)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, alpha: Optional[float], scale: float, causal: bool) -> Tensor:
-    """One sequence. q [T, Hq, D]; k, v [S, Hkv, D] -> o [T, Hq, D], in q's (compute) dtype."""
+def _logits(q: Tensor, k: Tensor, alpha: Optional[float], scale: float, causal: bool) -> Tensor:
+    """One sequence. q [T, Hq, D]; k [S, Hkv, D] -> the scaled, masked logits [Hq, T, S] in q's dtype."""
     T, Hq, D = q.shape
     S, Hkv, _ = k.shape
-    group = Hq // Hkv
-    k = k.repeat_interleave(group, dim=1)  # (S, Hq, D): query head h reads kv head h // group
-    v = v.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (S, Hq, D): query head h reads kv head h // group
     t = torch.arange(S - T, S, device=q.device)  # absolute position of every query row
     s_t = hype_logit_scale(t, alpha, q.dtype)  # (T,)
-    logits = torch.einsum("thd,shd->hts", q, k) * (scale * s_t)[None, :, None]  # (Hq, T, S)
+    logits = torch.einsum("thd,shd->hts", q, k) * (scale * s_t)[None, :, None]
     if causal:
         j = torch.arange(S, device=q.device)
         logits = logits.masked_fill(j[None, None, :] > t[None, :, None], float("-inf"))
-    return torch.einsum("hts,shd->thd", torch.softmax(logits, dim=-1), v)
+    return logits
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, alpha: Optional[float], scale: float, causal: bool) -> Tensor:
+    """One sequence. q [T, Hq, D]; k, v [S, Hkv, D] -> o [T, Hq, D], in q's (compute) dtype."""
+    v = v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.einsum("hts,shd->thd", torch.softmax(_logits(q, k, alpha, scale, causal), dim=-1), v)
+
+
+def _row_lse(q: Tensor, k: Tensor, alpha: Optional[float], scale: float, causal: bool) -> Tensor:
+    """One sequence -> the log-sum-exp of every query row's logits, [Hq, T]."""
+    return torch.logsumexp(_logits(q, k, alpha, scale, causal), dim=-1)
+
+
+def _per_sequence(fn, q: Tensor, k: Tensor, alpha: Optional[float], scale: Optional[float], causal: bool,
+                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], *extra: Tensor,
+                  time_dim: int) -> Tensor:
+    """fn(q, k, *extra, alpha, scale, causal) over every sequence of a dense or packed batch, in the compute dtype;
+    the pieces are stacked over the batch or, packed, joined along time_dim."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = compute_dtype(q)
+    qf, kf = q.to(dtype), k.to(dtype)
+    extra = [t.to(dtype) for t in extra]
+    if cu_seqlens_q is None:
+        return torch.stack([fn(qf[b], kf[b], *[t[b] for t in extra], alpha, scale, causal)
+                            for b in range(q.shape[0])])
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = [fn(qf[0, bq[n]:bq[n + 1]], kf[0, bk[n]:bk[n + 1]], *[t[0, bk[n]:bk[n + 1]] for t in extra], alpha,
+                 scale, causal) for n in range(len(bq) - 1)]
+    return torch.cat(pieces, dim=time_dim)[None]
 
 
 def hype_attn_ref(q: Tensor, k: Tensor, v: Tensor, alpha: Optional[float] = None, scale: Optional[float] = None,
@@ -55,16 +82,15 @@ def hype_attn_ref(q: Tensor, k: Tensor, v: Tensor, alpha: Optional[float] = None
     Returns:
         o [B, T, Hq, D] in q.dtype.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dtype = compute_dtype(q)
-    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-    if cu_seqlens_q is None:
-        o = torch.stack([_attend(qf[b], kf[b], vf[b], alpha, scale, causal) for b in range(q.shape[0])])
-        return o.to(q.dtype)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    pieces = [_attend(qf[0, bq[n]:bq[n + 1]], kf[0, bk[n]:bk[n + 1]], vf[0, bk[n]:bk[n + 1]], alpha, scale, causal)
-              for n in range(len(bq) - 1)]
-    return torch.cat(pieces)[None].to(q.dtype)
+    return _per_sequence(_attend, q, k, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, v, time_dim=0).to(q.dtype)
+
+
+def hype_attn_lse_ref(q: Tensor, k: Tensor, alpha: Optional[float] = None, scale: Optional[float] = None,
+                      causal: bool = True, cu_seqlens_q: Optional[Tensor] = None,
+                      cu_seqlens_k: Optional[Tensor] = None) -> Tensor:
+    """The natural-log log-sum-exp of every query row's logits (arguments as in `hype_attn_ref`): [B, Hq, T] in
+    float32 (float64 for float64 inputs), what the forward kernels save for their backward."""
+    return _per_sequence(_row_lse, q, k, alpha, scale, causal, cu_seqlens_q, cu_seqlens_k, time_dim=1)
 
 
 def gather_cache_rows(cache: Tensor, length: int, row: int, block_table: Optional[Tensor]) -> Tensor:
