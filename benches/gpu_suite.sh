@@ -8,8 +8,8 @@
 # 5. runs every benchmark module in benches/ops,
 # 6. runs the model benchmark (benches.model) and the HALO stage-2 step benchmark (benches.halo_step),
 # and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
-# any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output),
-# benches.json (all benchmark rows), summary.txt (what is printed last).
+# any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output), tests/ (one
+# log per test file and exits.txt), benches.json (all benchmark rows), summary.txt (what is printed last).
 #
 # Knobs (environment), for narrower runs:
 #   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests); every test file runs as its own pytest process
@@ -90,23 +90,29 @@ fi
 
 # One pytest process per test file, SUITE_TEST_JOBS at a time: the Triton tests spend most of their time compiling
 # kernels for the shapes Hypothesis draws, which is CPU work that parallel processes spread over the host's cores.
+# Each file's log lands in $RESULTS/tests as soon as the file ends, and its exit line in $RESULTS/tests/exits.txt,
+# so a run stopped by a time limit still shows every file that finished.
 run_test_files() {
   local files
   # shellcheck disable=SC2086  (SUITE_TESTS is a list of paths)
   files=$(find ${SUITE_TESTS:-tests} -name 'test_*.py' | sort)
-  mkdir -p "$WORK/tests"
+  mkdir -p "$RESULTS/tests"
+  : > "$RESULTS/tests/exits.txt"
   echo "$files" | xargs -P "${SUITE_TEST_JOBS:-8}" -I{} sh -c \
-    'log="$1/$(echo "$2" | tr / _).log"; python3 -m pytest -q -p no:cacheprovider -rs --durations=5 "$2" > "$log" 2>&1
-     echo "exit $? $2" >> "$log"' _ "$WORK/tests" {}
-  cat "$WORK"/tests/*.log
+    'log="$1/$(echo "$2" | tr / _).log"; start=$(date +%s)
+     python3 -m pytest -q -p no:cacheprovider -rs --durations=5 "$2" > "$log" 2>&1; rc=$?
+     echo "exit $rc $2 $(( $(date +%s) - start ))s: $(tail -n 1 "$log")" | tee -a "$1/exits.txt"' _ "$RESULTS/tests" {}
   echo "# per file:"
-  grep -h "^exit " "$WORK"/tests/*.log
-  ! grep -q "^exit [1-9]" "$WORK"/tests/*.log
+  cat "$RESULTS/tests/exits.txt"
+  grep -v "^exit 0 " "$RESULTS/tests/exits.txt" | while read -r _ _ file _; do
+    cat "$RESULTS/tests/$(echo "$file" | tr / _).log"
+  done
+  ! grep -q "^exit [1-9]" "$RESULTS/tests/exits.txt"
 }
 
 if ! skipped tests; then
   export -f run_test_files
-  export WORK SUITE_TESTS SUITE_TEST_JOBS
+  export RESULTS SUITE_TESTS SUITE_TEST_JOBS
   profile=${SUITE_HYPOTHESIS_PROFILE:-gpu}
   part "tests ($profile profile)" "${SUITE_TIMEOUT_TESTS:-1800}" env HYPOTHESIS_PROFILE="$profile" bash -c run_test_files
 fi
