@@ -942,11 +942,13 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     """
     if packed_tables is not None:
         got = f"got {tuple(packed_tables.shape)} {packed_tables.dtype} on {packed_tables.device}"
+        if cu_seqlens is None:
+            raise ValueError(f"lightning_chunk_bwd: packed_tables must be None without cu_seqlens, {got}")
         expected = packed_tables_shape(q, v, cu_seqlens, segment_len=segment_len)
-        if (cu_seqlens is None or tuple(packed_tables.shape) != expected or packed_tables.dtype != torch.int32
+        if (tuple(packed_tables.shape) != expected or packed_tables.dtype != torch.int32
                 or packed_tables.device != q.device):
             raise ValueError(f"lightning_chunk_bwd: packed_tables must be the forward's, of shape {expected} int32 "
-                             f"on {q.device} here (None without cu_seqlens), {got}")
+                             f"on {q.device} here, {got}")
     q, k, v, log_decay, cu_seqlens, plan_v = _prepare(q, k, v, log_decay, cu_seqlens, segment_len, packed_tables)
     do = do.to(q.dtype).contiguous()
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
