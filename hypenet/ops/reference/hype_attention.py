@@ -28,7 +28,7 @@ def _logits(q: Tensor, k: Tensor, alpha: Optional[float], scale: float, causal: 
     """One sequence. q [T, Hq, D]; k [S, Hkv, D] -> the scaled, masked logits [Hq, T, S] in q's dtype."""
     T, Hq, D = q.shape
     S, Hkv, _ = k.shape
-    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (S, Hq, D): query head h reads kv head h // group
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (S, Hq, D): query head h reads kv head h // (Hq / Hkv)
     t = torch.arange(S - T, S, device=q.device)  # absolute position of every query row
     s_t = hype_logit_scale(t, alpha, q.dtype)  # (T,)
     logits = torch.einsum("thd,shd->hts", q, k) * (scale * s_t)[None, :, None]
