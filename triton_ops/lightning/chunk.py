@@ -12,7 +12,8 @@ The backward is three scans of the same kind:
     dv = scan backwards of (k, q, do), adjoint state dS = sum_s gamma^(s-t+1) scale q_s^T do_s, start dS_final
     dk = scan backwards of (v, do, q), adjoint state dS^T, start dS_final^T
 and the adjoint left after the first token is d initial_state. The dq scan starts its segments from the forward's
-start states, transposed: `lightning_chunk_train_fwd` returns them for `lightning_chunk_bwd` to reuse.
+start states, transposed: `lightning_chunk_train_fwd` returns them (and, for packed batches, its chunk tables) for
+`lightning_chunk_bwd` to reuse.
 
 The decay is a constant per head, so the intra-chunk mask gamma^(t-s) is built once per program (no cumulative
 decay tensors). Time is walked sequentially in chunks of BT tokens by one program per (sequence segment, head,
@@ -29,7 +30,7 @@ BT tokens, all sequences' chunks are laid end to end, and that list is cut into 
 where a sequence starts, so short sequences share a program (one start-up for many of them), and long ones are
 spread over several. Only a range that begins inside a sequence needs a start state: the segment stages compute just the
 segments of the sequence before that cut. Device-side tables (two small kernels, no host sync) describe the chunks
-and ranges, so the launch shapes depend on the token count and sequence count only.
+and ranges, so the launch shapes depend on the token count and sequence count only; a backward reuses its forward's.
 """
 
 from __future__ import annotations
