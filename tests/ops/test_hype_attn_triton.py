@@ -91,25 +91,28 @@ def _make_inputs(case: Case, device: str) -> dict:
     return x
 
 
-def _reference(x: dict, case: Case, to_fp64: bool, delta_error: Optional[torch.Tensor] = None) -> dict:
-    """o, lse and the gradients of q, k, v from the reference (inputs upcast to fp64, or as they are).
+def _references(x: dict, case: Case, given_o: torch.Tensor) -> tuple[dict, dict]:
+    """o, lse and the gradients of q, k, v from the reference, with the inputs as they are and upcast to fp64; the
+    gradients are those a backward given `given_o` (the kernels' o) should produce.
 
-    delta_error [B, T, Hq]: the gradients the backward should give when its delta is off by this much. Like every
-    flash-attention backward, the kernel forms dS = P * (dP - delta) with delta = rowsum(do * o) from the o it is
-    given, rounded to the input dtype; where dP and delta nearly cancel, that rounding moves dq and dk far more
-    than one rounding of the result would. With delta off by e per row, dq and dk are exactly the gradients of
-    sum(o * do) - sum(e * lse), e held constant (d lse_t / d logits = P_t)."""
-    cast = (lambda t: t.to(F64)) if to_fp64 else (lambda t: t)
-    leaves = [cast(x[n]).detach().requires_grad_() for n in ("q", "k", "v")]
+    Like every flash-attention backward, the kernel forms dS = P * (dP - delta) with delta = rowsum(do * o) from the
+    o it is given, rounded to the input dtype; where dP and delta nearly cancel, that rounding moves dq and dk far
+    more than one rounding of the result would. With delta off by e per row (e = rowsum(do * (given_o - o)), from
+    the fp64 o), dq and dk are exactly the gradients of sum(o * do) - sum(e * lse), e held constant
+    (d lse_t / d logits = P_t)."""
     args = (case.alpha, case.scale, case.causal, x["cu_seqlens_q"], x["cu_seqlens_k"])
-    o = hype_attn_ref(*leaves, *args)
-    lse = hype_attn_lse_ref(*leaves[:2], *args)
-    do = cast(x["do"])
-    objective = (o * do).sum()
-    if delta_error is not None:
-        objective = objective - (delta_error.to(lse.dtype).transpose(1, 2) * lse).sum()
-    dq, dk, dv = torch.autograd.grad(objective, leaves)
-    return {"o": o.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv}
+    forwards = []
+    for cast in ((lambda t: t), (lambda t: t.to(F64))):
+        leaves = [cast(x[n]).detach().requires_grad_() for n in ("q", "k", "v")]
+        forwards.append((leaves, hype_attn_ref(*leaves, *args), hype_attn_lse_ref(*leaves[:2], *args), cast(x["do"])))
+    exact_o, do64 = forwards[1][1].detach(), forwards[1][3]
+    delta_error = ((given_o.to(F64) - exact_o) * do64).sum(-1).transpose(1, 2)  # [B, Hq, T], like lse
+    results = []
+    for leaves, o, lse, do in forwards:
+        objective = (o * do).sum() - (delta_error.to(lse.dtype) * lse).sum()
+        dq, dk, dv = torch.autograd.grad(objective, leaves)
+        results.append({"o": o.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv})
+    return results[0], results[1]
 
 
 def _kernels(x: dict, case: Case) -> dict:
@@ -125,11 +128,11 @@ def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> No
     for name, out in got.items():
         truth = fp64[name]
         # lse is float32 whatever the inputs: only the fp32 sums and exponentials round it.
-        lse = name == "lse"
-        assert out.dtype == (torch.float32 if lse else dtype), f"{name}: dtype {out.dtype}"
+        is_lse = name == "lse"
+        assert out.dtype == (torch.float32 if is_lse else dtype), f"{name}: dtype {out.dtype}"
         # The inputs are O(1): below magnitude 1 the allowance stays at the ulps of 1 (a gradient that is exactly 0
         # in fp64, e.g. dq with a single key, is round-off in any finite precision).
-        atol = (LSE_ATOL_OF_MAX if lse else ATOL_OF_MAX[dtype]) * max(float(truth.abs().max()), 1.0)
+        atol = (LSE_ATOL_OF_MAX if is_lse else ATOL_OF_MAX[dtype]) * max(float(truth.abs().max()), 1.0)
         assert_close_to_ref(out, lowp[name], truth, c=2.0, atol=atol, name=name)
         err = float((out.double() - truth).norm())
         bound = NORM_TOL[dtype] * float(truth.norm()) + ATOL_OF_MAX[dtype] * truth.numel() ** 0.5
@@ -138,9 +141,7 @@ def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> No
 
 def _assert_matches_reference(x: dict, case: Case, got: dict) -> None:
     """got: o and any of lse, dq, dk, dv for these inputs, the gradients from a backward given got's o."""
-    exact_o = _reference(x, case, True)["o"]
-    delta_error = ((got["o"].to(F64) - exact_o) * x["do"].to(F64)).sum(-1)
-    _assert_matches(got, _reference(x, case, False, delta_error), _reference(x, case, True, delta_error), case.dtype)
+    _assert_matches(got, *_references(x, case, got["o"]), case.dtype)
 
 
 def _check_case(case: Case, device: str) -> None:

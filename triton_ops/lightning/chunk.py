@@ -728,10 +728,7 @@ def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optio
     device = cu_seqlens.device
     max_chunks, ranges, range_chunks, seg_chunks = _packed_ranges(T, N, H, DC, device, segment_len)
     sizes = _packed_table_sizes(N, max_chunks, ranges)
-    if tables is None:
-        ints = torch.empty(sum(sizes), dtype=torch.int32, device=device)
-    else:
-        ints = tables
+    ints = torch.empty(sum(sizes), dtype=torch.int32, device=device) if tables is None else tables
     chunk_offsets, seg_offsets, chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta = torch.split(ints, sizes)
     if tables is None:
         lightning_attn_packed_offsets_kernel[(1,)](
@@ -888,8 +885,8 @@ def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool,
                         *, segment_len: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Forward of Lightning Attention (`lightning_chunk_train_fwd` without what the backward reuses)."""
-    o, final, _, _ = lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state,
-                                            segment_len=segment_len)
+    o, final, _, _ = lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state, cu_seqlens,
+                                               output_final_state, segment_len=segment_len)
     return o, final
 
 
@@ -925,6 +922,17 @@ def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor
     return o, final, (starts if K == V else None), (plan.tables if isinstance(plan, _Packed) else None)
 
 
+def _described(t: Tensor) -> str:
+    return f"got {tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_reused(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """What `lightning_chunk_bwd` reuses must be what the forward of the same inputs returned."""
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        raise ValueError(f"lightning_chunk_bwd: {name} must be the forward's, of shape {shape} {dtype} on {device} "
+                         f"here, {_described(t)}")
+
+
 def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
                         dfinal_state: Optional[Tensor], *, segment_len: Optional[int] = None,
@@ -942,14 +950,11 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         (None when initial_state is None).
     """
     if packed_tables is not None:
-        got = f"got {tuple(packed_tables.shape)} {packed_tables.dtype} on {packed_tables.device}"
         if cu_seqlens is None:
-            raise ValueError(f"lightning_chunk_bwd: packed_tables must be None without cu_seqlens, {got}")
-        expected = packed_tables_shape(q, v, cu_seqlens, segment_len=segment_len)
-        if (tuple(packed_tables.shape) != expected or packed_tables.dtype != torch.int32
-                or packed_tables.device != q.device):
-            raise ValueError(f"lightning_chunk_bwd: packed_tables must be the forward's, of shape {expected} int32 "
-                             f"on {q.device} here, {got}")
+            raise ValueError(f"lightning_chunk_bwd: packed_tables must be None without cu_seqlens, "
+                             f"{_described(packed_tables)}")
+        _check_reused("packed_tables", packed_tables, packed_tables_shape(q, v, cu_seqlens, segment_len=segment_len),
+                      torch.int32, q.device)
     q, k, v, log_decay, cu_seqlens, plan_v = _prepare(q, k, v, log_decay, cu_seqlens, segment_len, packed_tables)
     do = do.to(q.dtype).contiguous()
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
@@ -958,15 +963,11 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     # dq: forwards scan of (do, v, k) over the transposed forward state.
     initial_t = initial_state.transpose(-1, -2) if initial_state is not None else None
     if start_states is not None:
-        got = f"got {tuple(start_states.shape)} {start_states.dtype} on {start_states.device}"
         if K != V or plan_k.single:
             raise ValueError(f"lightning_chunk_bwd: these shapes have no start states to reuse (K = {K}, V = {V}, "
-                             f"one segment per sequence: {plan_k.single}); start_states must be None, {got}")
-        expected = (_start_slots(plan_k), H, K, V)
-        if (tuple(start_states.shape) != expected or start_states.dtype != torch.float32
-                or start_states.device != q.device):
-            raise ValueError(f"lightning_chunk_bwd: start_states must be the forward's, of shape {expected} float32 "
-                             f"on {q.device} here, {got}")
+                             f"one segment per sequence: {plan_k.single}); start_states must be None, "
+                             f"{_described(start_states)}")
+        _check_reused("start_states", start_states, (_start_slots(plan_k), H, K, V), torch.float32, q.device)
         starts_t = start_states.transpose(-1, -2)
     else:
         starts_t = None if plan_k.single else _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, False)
