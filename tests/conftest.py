@@ -1,6 +1,7 @@
 """Shared test setup: Hypothesis profiles, NaN-poisoned allocations, device helpers.
 
-Profiles: "cpu" (default: small shapes, few examples) and "gpu" (HYPOTHESIS_PROFILE=gpu: more examples).
+Profiles: "cpu" (default: small shapes, few examples) and "gpu" (HYPOTHESIS_PROFILE=gpu: more examples, no
+shrinking).
 torch.empty / empty_like / new_empty are poisoned with NaN (integer tensors with a large sentinel) so that an
 output element a kernel forgot to write fails the comparison instead of passing by luck.
 """
@@ -11,11 +12,15 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile("cpu", max_examples=8, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# No shrinking on the GPU: every shrink candidate with a new head dim, dtype or length class compiles new kernels,
+# so shrinking a failure can use up a whole time-limited device run before the falsifying example is printed;
+# without it the first failing example is printed as drawn.
 settings.register_profile("gpu", max_examples=40, deadline=None, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cpu"))
 
