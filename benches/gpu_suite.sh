@@ -9,7 +9,8 @@
 # 6. runs the model benchmark (benches.model) and the HALO stage-2 step benchmark (benches.halo_step),
 # and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
 # any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output), tests/ (one
-# log per test file and exits.txt), benches.json (all benchmark rows), summary.txt (what is printed last).
+# log per test file and exits.txt), benches.json (all benchmark rows), summary.txt (what is printed last),
+# autotune/ (Triton autotuning results, see SUITE_AUTOTUNE).
 #
 # Knobs (environment), for narrower runs:
 #   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests); every test file runs as its own pytest process
@@ -22,6 +23,13 @@
 #   SUITE_TIMEOUT_<PART>=seconds       per-part limit (BUILD 900, TESTS 1800, SANITIZE 600, BENCH 900 per op,
 #                                      MODEL 900, HALO_STEP 600)
 #   SUITE_CC / SUITE_CXX               host compilers of the build (default: the system GCC, see below)
+#   SUITE_AUTOTUNE=.autotune           Triton autotuning results to start from (see below)
+#
+# Autotuning results: fla's kernels autotune on first use (several minutes per dtype on a fresh machine) and keep
+# the winners as *.autotune.json files in Triton's cache. After every benchmark module the suite copies those files
+# into $RESULTS/autotune/; put that folder at .autotune/ (ignored by git) on the next run's machine and the suite
+# copies it into the cache before the benchmarks, so fla compiles only its chosen configs. Triton reuses a file
+# only for the same kernel source, Triton version, GPU target and tuning key.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +78,20 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+AUTOTUNE=${SUITE_AUTOTUNE:-.autotune}
+if [[ -d "$AUTOTUNE" ]]; then
+  mkdir -p "$TRITON_CACHE_DIR"
+  cp -r "$AUTOTUNE/." "$TRITON_CACHE_DIR/"
+  echo "# autotuning results from $AUTOTUNE: $(find "$AUTOTUNE" -name '*.autotune.json' | wc -l) files" | tee -a "$LOG"
+fi
+
+# save_autotune: every autotuning result in the Triton cache into $RESULTS/autotune (same relative paths).
+save_autotune() {
+  mkdir -p "$RESULTS/autotune"
+  (cd "$TRITON_CACHE_DIR" 2> /dev/null && find . -name '*.autotune.json' -exec cp --parents {} "$RESULTS/autotune/" \;)
+}
 
 # The GPU image's default compiler (/opt/gcc) built an extension that segfaulted while formatting a
 # TORCH_CHECK message (inlined libstdc++ code that does not match the libstdc++.so torch loads); the
@@ -138,6 +160,7 @@ if ! skipped bench; then
     # OUT is dropped for the child: the rows are merged into one benches.json below.
     part "bench $op" "${SUITE_TIMEOUT_BENCH:-900}" env -u OUT python3 -m benches.run --op "$op" \
       --json "$WORK/bench_$op.json" ${SUITE_QUICK:+--quick}
+    save_autotune
   done
 fi
 

@@ -16,7 +16,8 @@ against the equal-length batch of the same tokens.
 on a slow host its do_bench time ("ms") can be launch-bound where the equal-length batch (one kernel) is not.
 
 Runtime: fla autotunes each of its kernels on first use per dtype, which takes several minutes on a fresh machine;
-allow the module >= 10 minutes there.
+allow the module >= 10 minutes there, or start from the autotuning results of an earlier run (Triton keeps them in
+its cache; benches/gpu_suite.sh saves and restores them, see SUITE_AUTOTUNE there).
 """
 
 from __future__ import annotations
