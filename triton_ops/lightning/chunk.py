@@ -720,14 +720,28 @@ def _packed_table_sizes(N: int, max_chunks: int, ranges: int) -> list[int]:
     return [N + 1, N + 1, 4 * max_chunks, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
 
 
+def _described(t: Tensor) -> str:
+    return f"got {tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_reused(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """What `lightning_chunk_bwd` reuses must be what the forward of the same inputs returned."""
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        raise ValueError(f"lightning_chunk_bwd: {name} must be the forward's, of shape {shape} {dtype} on {device} "
+                         f"here, {_described(t)}")
+
+
 def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optional[int],
                  tables: Optional[Tensor] = None) -> _Packed:
     """Build the chunk and range tables of N packed sequences (T tokens) on the device (`_packed_ranges`), or take
-    them from `tables`: the buffer an earlier plan of the same inputs built (`_Packed.tables`)."""
+    them from `tables`: the buffer an earlier plan of the same inputs built (`_Packed.tables`; checked for its
+    size, dtype and device)."""
     N = cu_seqlens.numel() - 1
     device = cu_seqlens.device
     max_chunks, ranges, range_chunks, seg_chunks = _packed_ranges(T, N, H, DC, device, segment_len)
     sizes = _packed_table_sizes(N, max_chunks, ranges)
+    if tables is not None:
+        _check_reused("packed_tables", tables, (sum(sizes),), torch.int32, device)
     ints = torch.empty(sum(sizes), dtype=torch.int32, device=device) if tables is None else tables
     chunk_offsets, seg_offsets, chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta = torch.split(ints, sizes)
     if tables is None:
@@ -922,17 +936,6 @@ def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor
     return o, final, (starts if K == V else None), (plan.tables if isinstance(plan, _Packed) else None)
 
 
-def _described(t: Tensor) -> str:
-    return f"got {tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def _check_reused(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    """What `lightning_chunk_bwd` reuses must be what the forward of the same inputs returned."""
-    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
-        raise ValueError(f"lightning_chunk_bwd: {name} must be the forward's, of shape {shape} {dtype} on {device} "
-                         f"here, {_described(t)}")
-
-
 def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
                         dfinal_state: Optional[Tensor], *, segment_len: Optional[int] = None,
@@ -949,12 +952,9 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         dq [B, T, H, K], dk [B, T, H, K], dv [B, T, H, V] in q.dtype; d initial_state [N, H, K, V] float32
         (None when initial_state is None).
     """
-    if packed_tables is not None:
-        if cu_seqlens is None:
-            raise ValueError(f"lightning_chunk_bwd: packed_tables must be None without cu_seqlens, "
-                             f"{_described(packed_tables)}")
-        _check_reused("packed_tables", packed_tables, packed_tables_shape(q, v, cu_seqlens, segment_len=segment_len),
-                      torch.int32, q.device)
+    if packed_tables is not None and cu_seqlens is None:
+        raise ValueError(f"lightning_chunk_bwd: packed_tables must be None without cu_seqlens, "
+                         f"{_described(packed_tables)}")
     q, k, v, log_decay, cu_seqlens, plan_v = _prepare(q, k, v, log_decay, cu_seqlens, segment_len, packed_tables)
     do = do.to(q.dtype).contiguous()
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
