@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: timing, correctness gates, FLOP / byte formulas, the device string, table printing.
+"""Shared benchmark helpers: timing, correctness gates, FLOP / byte formulas, the device string, table printing and
+plotting.
 
 Conventions (benches/run.py prints and saves what the op modules return):
 - a row is a dict with "op", "shape", "backend", "pass" ("fwd" | "fwd+bwd" | "decode"), "ms" (median) and
@@ -14,9 +15,12 @@ from __future__ import annotations
 import datetime
 import itertools
 import platform
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+
+from halo.plots import pyplot
 
 # Measured ceilings of the cards the benchmarks run on (device-to-device copy counting read + write bytes;
 # 8192^3 bf16 matmul). Datasheet numbers are higher and unreachable, so floors use these.
@@ -186,3 +190,47 @@ def format_table(rows: Sequence[dict]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+
+def plot_rows(rows: Sequence[dict], path: Path, title: str) -> str:
+    """PNG of a benchmark's rows: one panel per pass, one group of horizontal bars per shape, one bar per backend
+    (its do_bench ms on a log axis, labelled with the ms and the speed-up over the anchor). Returns what it did."""
+    plt = pyplot()
+    if plt is None:
+        return f"matplotlib is not installed: no {path.name}"
+    passes = list(dict.fromkeys(r["pass"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    shapes = {p: list(dict.fromkeys(r["shape"] for r in rows if r["pass"] == p)) for p in passes}
+    bar = 0.8 / len(backends)
+    tallest = max(len(s) for s in shapes.values())
+    fig, axes = plt.subplots(1, len(passes), figsize=(7.5 * len(passes), 1.5 + tallest * len(backends) * 0.32),
+                             squeeze=False)
+    for ax, pass_ in zip(axes[0], passes):
+        by_key = {(r["shape"], r["backend"]): r for r in rows if r["pass"] == pass_}
+        for i, backend in enumerate(backends):
+            points = [(j, by_key[shape, backend]) for j, shape in enumerate(shapes[pass_]) if (shape, backend) in by_key]
+            if not points:
+                continue
+            ys = [j + (i - (len(backends) - 1) / 2) * bar for j, _ in points]
+            ax.barh(ys, [r["ms"] for _, r in points], bar, color=f"C{i}", label=backend)
+            for y, (_, r) in zip(ys, points):
+                speedup = f", {r['speedup']:.2f}x" if r.get("speedup") is not None else ""
+                ax.annotate(f" {r['ms']:.3g} ms{speedup}", (r["ms"], y), va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}" if f"{x:g}"[0] in "25" else ""))
+        ax.set_yticks(range(len(shapes[pass_])), shapes[pass_], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per call (log scale; speed-up over the anchor)")
+        ax.set_title(pass_)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.margins(x=0.25)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(backends), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"

@@ -9,8 +9,8 @@
 # 6. runs the model benchmark (benches.model) and the HALO stage-2 step benchmark (benches.halo_step),
 # and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
 # any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output), tests/ (one
-# log per test file and exits.txt), benches.json (all benchmark rows), summary.txt (what is printed last),
-# autotune/ (Triton autotuning results, see SUITE_AUTOTUNE).
+# log per test file and exits.txt), benches.json (all benchmark rows), OP.png (each benchmark's rows as bars),
+# summary.txt (what is printed last), autotune/ (Triton autotuning results, see SUITE_AUTOTUNE).
 #
 # Knobs (environment), for narrower runs:
 #   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests); every test file runs as its own pytest process
@@ -178,12 +178,13 @@ fi
 python3 - "$WORK" "$RESULTS/benches.json" > "$WORK/tables.txt" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
-from benches.common import format_table
+from benches.common import format_table, plot_rows
 payloads = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("bench_*.json"))]
 Path(sys.argv[2]).write_text(json.dumps(payloads, indent=2) + "\n")
 for p in payloads:
     print(f"\n## {p['op']} on {p['device']}")
     print(format_table(p["rows"]))
+    print("# " + plot_rows(p["rows"], Path(sys.argv[2]).with_name(f"{p['op']}.png"), f"{p['op']} on {p['device']}"))
 EOF
 
 {

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from benches.common import device_description, measured_peak
+from halo.plots import pyplot
 from hypenet.cache import HypeNetCache
 from hypenet.config import HypeNetConfig, mixer_layout
 from hypenet.modeling import CACHE_FIELD, HypeNetForCausalLM
@@ -232,12 +233,8 @@ def format_rows(rows: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> s
 
 
 def plot(rows: list[dict], path: Path, title: str) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: no plot"
     fig, (ax_prefill, ax_decode) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"hypenet": "tab:blue", "qwen3": "tab:red"}

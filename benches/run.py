@@ -1,7 +1,8 @@
 """Run one op's benchmark: `python -m benches.run --op NAME [--json PATH] [--quick]`.
 
 Imports `benches.ops.NAME`, calls its `run(quick)`, prints one aligned table and writes the rows as JSON to
-PATH (default benches/results/NAME.json) and, when $OUT is set, to $OUT/NAME.json too.
+PATH (default benches/results/NAME.json) and, when $OUT is set, to $OUT/NAME.json too, each with a bar chart of the
+rows beside it (same name, .png; needs matplotlib, the "plot" extra).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from benches import ops as ops_package
-from benches.common import device_description, format_table
+from benches.common import device_description, format_table, plot_rows
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"# wrote {path}")
+        print("# " + plot_rows(rows, path.with_suffix(".png"), f"{args.op} on {device}"))
     return 0
 
 

@@ -16,7 +16,8 @@ def _save(plt, fig, ax, title: str, path: Path) -> str:
     return f"wrote {path}"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib (the "plot" extra) is missing."""
     try:
         import matplotlib
 
@@ -34,7 +35,7 @@ def loss_plot(records: list[dict], path: Path, title: str) -> str:
 
 def loss_curves_plot(curves: dict[str, list[dict]], path: Path, title: str) -> str:
     """Several runs' training loss vs optimizer step, one line per label (a legend when labels are given)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return f"matplotlib is not installed; skipped {path.name}"
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -49,7 +50,7 @@ def loss_curves_plot(curves: dict[str, list[dict]], path: Path, title: str) -> s
 
 def layer_importance_plot(importance: list[float], attention_layers: list[int], path: Path, title: str) -> str:
     """Bar chart of importance per layer; the layers kept as attention are highlighted."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return f"matplotlib is not installed; skipped {path.name}"
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(importance) + 2), 3.5))
@@ -68,7 +69,7 @@ def layer_importance_plot(importance: list[float], attention_layers: list[int], 
 def length_plot(curves: dict[str, dict[int, float]], path: Path, title: str, ylabel: str,
                 unit_interval: bool = False) -> str:
     """A metric vs sequence length (log2 x axis), one line per model."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return f"matplotlib is not installed; skipped {path.name}"
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -91,7 +92,7 @@ def length_plot(curves: dict[str, dict[int, float]], path: Path, title: str, yla
 
 def alpha_plot(losses: dict[float, float], path: Path, title: str) -> str:
     """Held-out LM loss vs the HyPE constant a."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return f"matplotlib is not installed; skipped {path.name}"
     fig, ax = plt.subplots(figsize=(6, 3.5))
