@@ -210,7 +210,8 @@ def plot_rows(rows: Sequence[dict], path: Path, title: str) -> str:
     for ax, pass_ in zip(axes[0], passes):
         by_key = {(r["shape"], r["backend"]): r for r in rows if r["pass"] == pass_}
         for i, backend in enumerate(backends):
-            points = [(j, by_key[shape, backend]) for j, shape in enumerate(shapes[pass_]) if (shape, backend) in by_key]
+            points = [(j, by_key[shape, backend]) for j, shape in enumerate(shapes[pass_])
+                      if (shape, backend) in by_key]
             if not points:
                 continue
             ys = [j + (i - (len(backends) - 1) / 2) * bar for j, _ in points]
