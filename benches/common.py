@@ -3,8 +3,8 @@ plotting.
 
 Conventions (benches/run.py prints and saves what the op modules return):
 - a row is a dict with "op", "shape", "backend", "pass" ("fwd" | "fwd+bwd" | "decode"), "ms" (median) and
-  optionally "kernel_ms" (GPU kernel time alone), "tflops", "tbps", "pct_floor", "speedup", "anchor", "timing" and
-  free-form notes;
+  optionally "kernel_ms" (GPU kernel time alone), "host_ms" (host time to issue one call), "tflops", "tbps",
+  "pct_floor", "speedup", "anchor", "timing" and free-form notes;
 - times are medians of `triton.testing.do_bench` (eager) or `do_bench_cudagraph` (graph replays, for
   kernels so short that launch gaps would dominate); inputs larger than L2 rotate so that timings read HBM;
 - every module checks its backends against the reference on one shape before timing (`check_close` raises).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import platform
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -103,6 +104,21 @@ def kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
     return sum(event.device_time_total for event in prof.key_averages()) / iters / 1000.0
 
 
+def host_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Host time to issue one call: `iters` calls back to back without waiting for the GPU, timed on the host (few
+    enough that the launch queue never fills and blocks). Next to kernel_ms it shows whether a call is host-bound."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    seconds = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 1000.0 * seconds / iters
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp64."""
     ref = ref.double()
@@ -176,8 +192,8 @@ def add_speedups(rows: Iterable[dict], anchor: str) -> None:
 # ------------------------------------------------------------------------------------------------------ table
 
 TABLE_COLUMNS = [("op", "{}"), ("shape", "{}"), ("pass", "{}"), ("backend", "{}"), ("ms", "{:.4f}"),
-                 ("kernel_ms", "{:.4f}"), ("tflops", "{:.1f}"), ("tbps", "{:.2f}"), ("pct_floor", "{:.0f}%"),
-                 ("speedup", "{:.2f}x"), ("timing", "{}")]
+                 ("kernel_ms", "{:.4f}"), ("host_ms", "{:.4f}"), ("tflops", "{:.1f}"), ("tbps", "{:.2f}"),
+                 ("pct_floor", "{:.0f}%"), ("speedup", "{:.2f}x"), ("timing", "{}")]
 
 
 def format_table(rows: Sequence[dict]) -> str:

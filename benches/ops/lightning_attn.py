@@ -14,6 +14,8 @@ against the equal-length batch of the same tokens.
 
 "kernel_ms" is the GPU time of the kernels alone (torch.profiler): a packed call launches up to five kernels, and
 on a slow host its do_bench time ("ms") can be launch-bound where the equal-length batch (one kernel) is not.
+"host_ms" is the host time to issue one call (validation, dispatch, autograd and launches): where it exceeds
+kernel_ms, "ms" measures the host.
 
 Runtime: fla autotunes each of its kernels on first use per dtype, which takes several minutes on a fresh machine;
 allow the module >= 10 minutes there, or start from the autotuning results of an earlier run (Triton keeps them in
@@ -26,7 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from benches.common import add_rates, add_speedups, bench_ms, check_close, kernel_ms, lightning_chunk_bytes
+from benches.common import (add_rates, add_speedups, bench_ms, check_close, host_ms, kernel_ms,
+                            lightning_chunk_bytes)
 from hypenet.ops.reference.lightning import lightning_attn_ref
 
 H, D = 16, 128
@@ -131,8 +134,10 @@ def _time_rows(shape: str, backends: dict, x: dict, log_decay: torch.Tensor, sca
         row = {"op": "lightning_attn", "shape": shape, "backend": name, "pass": "fwd+bwd" if backward else "fwd"}
         row["ms"] = bench_ms(lambda fn=fn: fn(x, log_decay, scale))
         row["kernel_ms"] = kernel_ms(lambda fn=fn: fn(x, log_decay, scale))
+        row["host_ms"] = host_ms(lambda fn=fn: fn(x, log_decay, scale))
         rows.append(add_rates(row, nbytes=nbytes))
-        print(f"# {shape} {row['pass']} {name}: {row['ms']:.3f} ms (kernels {row['kernel_ms']:.3f} ms)", flush=True)
+        print(f"# {shape} {row['pass']} {name}: {row['ms']:.3f} ms (kernels {row['kernel_ms']:.3f} ms, host "
+              f"{row['host_ms']:.3f} ms)", flush=True)
     return rows
 
 

@@ -1,10 +1,13 @@
-"""The benchmark table helpers: speed-ups against the anchor, the text table and the PNG of the rows."""
+"""The benchmark helpers: host time per call, speed-ups against the anchor, the text table and the PNG of the
+rows."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from benches.common import add_speedups, format_table, plot_rows
+from benches.common import add_speedups, format_table, host_ms, plot_rows
 
 
 def _rows() -> list[dict]:
@@ -14,6 +17,18 @@ def _rows() -> list[dict]:
                                               ("B2 T8", "fwd", "anchor", 2.0)]]
     add_speedups(rows, "anchor")
     return rows
+
+
+def test_host_time_is_the_mean_time_of_one_call():
+    calls = []
+
+    def sleepy():
+        calls.append(None)
+        time.sleep(0.002)
+
+    ms = host_ms(sleepy, iters=10)
+    assert len(calls) == 11  # a warm-up call, then the timed ones
+    assert 2.0 <= ms < 20.0
 
 
 def test_speedups_are_anchor_time_over_own_time_within_shape_and_pass():
