@@ -10,7 +10,7 @@
 # and prints a short table last. Each part runs even when an earlier one failed; the exit status is non-zero when
 # any part failed. Logs and JSON go to ${OUT:-benches/results}: suite.log (every part's full output), tests/ (one
 # log per test file and exits.txt), benches.json (all benchmark rows), OP.png (each benchmark's rows as bars),
-# summary.txt (what is printed last), autotune/ (Triton autotuning results, see SUITE_AUTOTUNE).
+# summary.txt (what is printed last), autotune.tar.gz (Triton autotuning results, see SUITE_AUTOTUNE).
 #
 # Knobs (environment), for narrower runs:
 #   SUITE_TESTS="tests/ops/x.py ..."  test paths (default: tests); every test file runs as its own pytest process
@@ -26,10 +26,11 @@
 #   SUITE_AUTOTUNE=.autotune           Triton autotuning results to start from (see below)
 #
 # Autotuning results: fla's kernels autotune on first use (several minutes per dtype on a fresh machine) and keep
-# the winners as *.autotune.json files in Triton's cache. After every benchmark module the suite copies those files
-# into $RESULTS/autotune/; put that folder at .autotune/ (ignored by git) on the next run's machine and the suite
-# copies it into the cache before the benchmarks, so fla compiles only its chosen configs. Triton reuses a file
-# only for the same kernel source, Triton version, GPU target and tuning key.
+# the winners as *.autotune.json files in Triton's cache. After every benchmark module the suite archives those
+# files as $RESULTS/autotune.tar.gz; put that archive in .autotune/ (ignored by git) on the next run's machine and
+# the suite unpacks it (and copies any loose *.autotune.json there) into the cache before the benchmarks, so fla
+# compiles only its chosen configs. Triton reuses a file only for the same kernel source, Triton version, GPU
+# target and tuning key.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,14 +84,19 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 AUTOTUNE=${SUITE_AUTOTUNE:-.autotune}
 if [[ -d "$AUTOTUNE" ]]; then
   mkdir -p "$TRITON_CACHE_DIR"
-  cp -r "$AUTOTUNE/." "$TRITON_CACHE_DIR/"
-  echo "# autotuning results from $AUTOTUNE: $(find "$AUTOTUNE" -name '*.autotune.json' | wc -l) files" | tee -a "$LOG"
+  for archive in "$AUTOTUNE"/*.tar.gz; do
+    [[ -f "$archive" ]] && tar -xzf "$archive" -C "$TRITON_CACHE_DIR"
+  done
+  (cd "$AUTOTUNE" && find . -name '*.autotune.json' -exec cp --parents {} "$TRITON_CACHE_DIR/" \;)
+  echo "# autotuning results from $AUTOTUNE: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) files" \
+    | tee -a "$LOG"
 fi
 
-# save_autotune: every autotuning result in the Triton cache into $RESULTS/autotune (same relative paths).
+# save_autotune: every autotuning result in the Triton cache, as one archive (paths relative to the cache) at
+# $RESULTS/autotune.tar.gz: one file, where a folder of them could exceed what a run may send back.
 save_autotune() {
-  mkdir -p "$RESULTS/autotune"
-  (cd "$TRITON_CACHE_DIR" 2> /dev/null && find . -name '*.autotune.json' -exec cp --parents {} "$RESULTS/autotune/" \;)
+  (cd "$TRITON_CACHE_DIR" 2> /dev/null && find . -name '*.autotune.json' -print0 \
+    | tar --null -czf "$RESULTS/autotune.tar.gz" -T -)
 }
 
 # The GPU image's default compiler (/opt/gcc) built an extension that segfaulted while formatting a
