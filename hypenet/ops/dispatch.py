@@ -31,9 +31,23 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return backend
 
 
+# The kernels read plain tensors' memory; torch.func wraps its inputs (grad: tracking wrappers, vmap: batched
+# tensors), which only the references, written in torch ops, can take.
+FUNCTORCH_REASON = ("under a torch.func transform (grad, vjp, vmap, ...) only the reference runs: the kernels take "
+                    "plain tensors")
+
+
+def _functorch_active() -> bool:
+    # is_compiling() first: torch.compile traces the plain call, and short-circuits before the private query.
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def select_backend(op: str, backend: Optional[str], device: torch.device, reasons: dict[str, Optional[str]]) -> str:
     """Pick the backend for `op` on inputs living on `device`. `reasons[name]` is None when that backend can run
-    the inputs; a requested backend that cannot raises with its reason."""
+    the inputs; a requested backend that cannot raises with its reason. Under a torch.func transform only the
+    reference can run."""
+    if _functorch_active():
+        reasons = {name: reason if name == "reference" else FUNCTORCH_REASON for name, reason in reasons.items()}
     wanted = requested_backend(backend)
     if wanted is not None:
         reason = reasons.get(wanted, f"{op} has no {wanted} backend")

@@ -1,5 +1,5 @@
-"""The public op API: bad input raises a clear error naming the argument, dispatch follows the override, and the
-reference path traces under torch.compile(fullgraph=True)."""
+"""The public op API: bad input raises a clear error naming the argument, dispatch follows the override, the
+reference path traces under torch.compile(fullgraph=True), and torch.func transforms run the reference."""
 
 from __future__ import annotations
 
@@ -154,6 +154,36 @@ def test_cpu_auto_dispatch_is_the_reference(monkeypatch):
     o, _ = ops.lightning_attn(q, k, v, g)
     o_ref, _ = ops.lightning_attn(q, k, v, g, backend="reference")
     assert torch.equal(o, o_ref)
+
+
+def _lightning_loss(q, k, v, g, backend=None):
+    o, _ = ops.lightning_attn(q, k, v, g, backend=backend)
+    return (o * o).sum()
+
+
+def _check_torch_func_matches_autograd(q, k, v, g):
+    q_leaf = q.clone().requires_grad_()
+    expected = torch.autograd.grad(_lightning_loss(q_leaf, k, v, g, "reference"), q_leaf)[0]
+    torch.testing.assert_close(torch.func.grad(_lightning_loss)(q, k, v, g), expected)
+    per_row = torch.func.vmap(_lightning_loss, in_dims=(0, None, None, None))(torch.stack([q, 2 * q]), k, v, g)
+    torch.testing.assert_close(per_row, torch.stack([_lightning_loss(q, k, v, g), _lightning_loss(2 * q, k, v, g)]))
+
+
+def test_torch_func_transforms_run_the_reference_and_refuse_a_forced_kernel(monkeypatch):
+    """torch.func.grad and vmap give what autograd and a loop give; a kernel backend asked for under a transform
+    raises naming the transform (the kernels read plain tensors' memory)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, g = lightning_inputs(K=64, V=64)
+    _check_torch_func_matches_autograd(q, k, v, g)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run these inputs: under a torch.func transform"):
+        torch.func.grad(_lightning_loss)(q, k, v, g, "triton")
+
+
+@pytest.mark.cuda
+def test_gpu_torch_func_transforms_fall_back_from_the_kernels_to_the_reference():
+    """On a GPU auto picks the Triton kernels for these inputs, except under a torch.func transform."""
+    q, k, v, g = (t.cuda() for t in lightning_inputs(T=70, K=64, V=64))
+    _check_torch_func_matches_autograd(q, k, v, g)
 
 
 def test_reference_backend_is_differentiable():
