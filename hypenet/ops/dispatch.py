@@ -2,7 +2,8 @@
 
 Every op lists, per backend, either None (it can run these inputs) or the reason it cannot. `auto` takes the
 first usable backend in the order cuda > triton on GPUs; on the CPU it takes the reference (Triton's interpreter
-runs there only when forced, for tests).
+runs there only when forced, for tests). Under a torch.func transform (outside torch.compile tracing) only the
+reference can run.
 """
 
 from __future__ import annotations
