@@ -105,12 +105,12 @@ def rmsnorm_gate_fwd(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
         y [..., C] contiguous in x.dtype; rstd [...] float32.
     """
     C = x.shape[-1]
-    x2, z2 = x.reshape(-1, C).contiguous(), z.reshape(-1, C).contiguous()
-    R = x2.shape[0]
+    R = x.shape[:-1].numel()
+    x2, z2 = x.reshape(R, C).contiguous(), z.reshape(R, C).contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if R == 0:
-        return y, rstd
+    if R == 0 or C == 0:  # nothing to normalise (rstd is only read by the backward, which returns early too)
+        return y, rstd.zero_()
     BLOCK_R = _rows(C)
     rmsnorm_gate_fwd_kernel_main[(triton.cdiv(R, BLOCK_R),)](
         x2, z2, weight.contiguous(), y, rstd, R, C, float(eps),
@@ -126,10 +126,12 @@ def rmsnorm_gate_bwd(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rst
         (dx [..., C] in x.dtype, dz [..., C] in z.dtype, dweight [C] in weight.dtype).
     """
     C = x.shape[-1]
-    x2, z2, dy2 = (t.reshape(-1, C).contiguous() for t in (x, z, dy))
-    R = x2.shape[0]
+    R = x.shape[:-1].numel()
+    x2, z2, dy2 = (t.reshape(R, C).contiguous() for t in (x, z, dy))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    if R == 0 or C == 0:
+        return dx, dz, torch.zeros_like(weight)
     BLOCK_R = _rows(C)
     tiles = triton.cdiv(R, BLOCK_R)
     programs = max(1, min(tiles, PROGRAMS_PER_SM * sm_count(x.device)))
@@ -275,6 +277,13 @@ def _table_strides(table: torch.Tensor) -> tuple[int, int]:
     return (0 if table.shape[0] == 1 else table.stride(0)), table.stride(1)
 
 
+def _head_blocks(HQ: int, HK: int, D: int) -> dict:
+    """Tile sizes of the qk_norm_rope kernels: every q head, every k head and half of D of one token (at least
+    1: a side without heads is masked off entirely)."""
+    return dict(BLOCK_HQ=max(1, triton.next_power_of_2(HQ)), BLOCK_HK=max(1, triton.next_power_of_2(HK)),
+                HALF=triton.next_power_of_2(D // 2))
+
+
 def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor,
                      eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -294,16 +303,15 @@ def qk_norm_rope_fwd(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     q_rstd = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
     k_rstd = torch.empty((B, T, HK), dtype=torch.float32, device=q.device)
-    if B * T == 0:
-        return q_out, k_out, q_rstd, k_rstd
+    if B * T == 0 or D == 0:  # nothing to normalise (the backward returns early too)
+        return q_out, k_out, q_rstd.zero_(), k_rstd.zero_()
     qk_norm_rope_fwd_kernel_main[(B * T,)](
         q, k, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out, q_rstd, k_rstd,
         T, HQ, HK, D, float(eps),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         *_table_strides(cos), *_table_strides(sin),
-        BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
-        HALF=triton.next_power_of_2(D // 2), num_warps=4)
+        **_head_blocks(HQ, HK, D), num_warps=4)
     return q_out, k_out, q_rstd, k_rstd
 
 
@@ -322,6 +330,8 @@ def qk_norm_rope_bwd(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k
                                       for t in (q, k, cos, sin, dq_out, dk_out))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if B * T == 0 or D == 0:
+        return dq, dk, torch.zeros_like(q_weight), torch.zeros_like(k_weight)
     num_tokens = B * T
     programs = max(1, min(num_tokens, PROGRAMS_PER_SM * sm_count(q.device)))
     dweight_part = torch.empty((programs, 2, D), dtype=torch.float32, device=q.device)
@@ -332,6 +342,5 @@ def qk_norm_rope_bwd(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k
         dq_out.stride(0), dq_out.stride(1), dq_out.stride(2), dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         *_table_strides(cos), *_table_strides(sin),
-        BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
-        HALF=triton.next_power_of_2(D // 2), num_warps=4)
+        **_head_blocks(HQ, HK, D), num_warps=4)
     return dq, dk, dweight_part[:, 0].sum(0).to(q_weight.dtype), dweight_part[:, 1].sum(0).to(k_weight.dtype)

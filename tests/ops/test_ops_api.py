@@ -1,5 +1,6 @@
 """The public op API: bad input raises a clear error naming the argument, dispatch follows the override, the
-reference path traces under torch.compile(fullgraph=True), and torch.func transforms run the reference."""
+reference path traces under torch.compile(fullgraph=True), torch.func transforms run the reference, and empty
+dimensions give empty results on every backend."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from hypenet import ops
+from tests.conftest import triton_device
 from tests.strategies import log_decays, randn
 
 F32 = torch.float32
@@ -184,6 +186,46 @@ def test_gpu_torch_func_transforms_fall_back_from_the_kernels_to_the_reference()
     """On a GPU auto picks the Triton kernels for these inputs, except under a torch.func transform."""
     q, k, v, g = (t.cuda() for t in lightning_inputs(T=70, K=64, V=64))
     _check_torch_func_matches_autograd(q, k, v, g)
+
+
+# Calls with an empty dimension: (inputs by shape, differentiable inputs, call). Shapes list [B, T, H, D] tensors.
+EMPTY_DIMS = {
+    "lightning_attn T=0": ([(1, 0, 2, 64)] * 3, 3, lambda x, b: ops.lightning_attn(*x, -torch.rand(2), backend=b)[0]),
+    "lightning_attn_step B=0": ([(0, 1, 2, 64)] * 3, 0, lambda x, b: ops.lightning_attn_step(
+        *x, -torch.rand(2), torch.zeros(1, 2, 64, 64, device=x[0].device), backend=b)),
+    "hype_attn B=0": ([(0, 3, 2, 64)] * 3, 3, lambda x, b: ops.hype_attn(*x, backend=b)),
+    "hype_attn_decode B=0": ([(0, 1, 2, 64), (0, 8, 2, 64), (0, 8, 2, 64)], 0, lambda x, b: ops.hype_attn_decode(
+        *x, torch.zeros(0, dtype=torch.int32, device=x[0].device), backend=b)),
+    "rmsnorm_gate C=0": ([(2, 3, 0), (2, 3, 0), (0,)], 3, lambda x, b: ops.rmsnorm_gate(*x, backend=b)),
+    "qk_norm_rope Hk=0": ([(1, 5, 4, 64), (1, 5, 0, 64), (64,), (64,), (1, 5, 64), (1, 5, 64)], 4,
+                          lambda x, b: ops.qk_norm_rope(*x, backend=b)),
+    "qk_norm_rope Hq=0": ([(1, 5, 0, 64), (1, 5, 2, 64), (64,), (64,), (1, 5, 64), (1, 5, 64)], 4,
+                          lambda x, b: ops.qk_norm_rope(*x, backend=b)),
+    "qk_norm_rope D=0": ([(1, 5, 2, 0), (1, 5, 2, 0), (0,), (0,), (1, 5, 0), (1, 5, 0)], 4,
+                         lambda x, b: ops.qk_norm_rope(*x, backend=b)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_DIMS))
+def test_empty_dimensions_give_the_reference_results_on_the_kernel_backend(case):
+    """Empty dimensions run on the kernels as on the reference: same outputs, and gradients where differentiable."""
+    device = triton_device()
+    dtype = torch.float16 if device == "cuda" else F32
+    shapes, differentiable, call = EMPTY_DIMS[case]
+    results = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        inputs = [torch.randn(shape, dtype=dtype, device=device).requires_grad_(i < differentiable)
+                  for i, shape in enumerate(shapes)]
+        outputs = call(inputs, backend)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = ()
+        if differentiable:
+            loss = sum(o.float().sum() for o in outputs)
+            grads = torch.autograd.grad(loss, inputs[:differentiable])
+        results[backend] = (outputs, grads)
+    for got, want in zip(*(sum(results[b], ()) for b in ("triton", "reference"))):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
 def test_reference_backend_is_differentiable():

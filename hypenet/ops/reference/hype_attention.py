@@ -59,8 +59,13 @@ def _per_sequence(fn, q: Tensor, k: Tensor, alpha: Optional[float], scale: Optio
     qf, kf = q.to(dtype), k.to(dtype)
     extra = [t.to(dtype) for t in extra]
     if cu_seqlens_q is None:
-        return torch.stack([fn(qf[b], kf[b], *[t[b] for t in extra], alpha, scale, causal)
-                            for b in range(q.shape[0])])
+        B = q.shape[0]
+        if B == 0:
+            # An empty batch runs one all-zero row, dropped below, so that its empty result stays in the autograd
+            # graph of the inputs (as the kernels' results do).
+            qf, kf, *extra = (torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for t in (qf, kf, *extra))
+        pieces = [fn(qf[b], kf[b], *[t[b] for t in extra], alpha, scale, causal) for b in range(max(B, 1))]
+        return torch.stack(pieces)[:B]
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     pieces = [fn(qf[0, bq[n]:bq[n + 1]], kf[0, bk[n]:bk[n + 1]], *[t[0, bk[n]:bk[n + 1]] for t in extra], alpha,
                  scale, causal) for n in range(len(bq) - 1)]
@@ -123,4 +128,4 @@ def hype_attn_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seql
         k = gather_cache_rows(k_cache, length, b, block_table)
         v = gather_cache_rows(v_cache, length, b, block_table)
         outputs.append(hype_attn_ref(q[b:b + 1], k[None], v[None], alpha=alpha, scale=scale, causal=True))
-    return torch.cat(outputs)
+    return torch.cat(outputs) if outputs else q.new_zeros(q.shape)

@@ -27,7 +27,9 @@ def _chunked_one_sequence(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, sc
     """Exact chunked form for one sequence. q, k [T, H, K]; v [T, H, V]; state [H, K, V]. Returns o [T, H, V], state."""
     T, H, K = q.shape
     V = v.shape[-1]
-    n_chunks = (T + chunk - 1) // chunk
+    # At least one chunk: an empty sequence runs one chunk of padding, so that its empty output stays in the autograd
+    # graph of the inputs (as the kernels' outputs do) and the state passes through unchanged.
+    n_chunks = max(1, (T + chunk - 1) // chunk)
     pad = n_chunks * chunk - T
     # Zero keys and values at the tail padding add nothing to any state; the true chunk lengths below keep the
     # final state exact (no extra decay over padded steps).
@@ -142,4 +144,4 @@ def lightning_attn_step_ref(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, 
                                                state[slot].to(dtype))
         state[slot] = new_state.to(state.dtype)
         outputs.append(o)
-    return torch.stack(outputs).to(q.dtype)
+    return torch.stack(outputs).to(q.dtype) if outputs else q.new_zeros(*q.shape[:-1], v.shape[-1])
