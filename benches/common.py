@@ -237,7 +237,7 @@ def plot_rows(rows: Sequence[dict], path: Path, title: str) -> str:
                 ax.annotate(f" {r['ms']:.3g} ms{speedup}", (r["ms"], y), va="center", fontsize=7)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}" if f"{x:g}"[0] in "25" else ""))
+        ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in "25" else ""))
         ax.set_yticks(range(len(shapes[pass_])), shapes[pass_], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("ms per call (log scale; speed-up over the anchor)")
