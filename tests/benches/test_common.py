@@ -3,8 +3,6 @@ rows."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from benches.common import add_speedups, format_table, host_ms, plot_rows
@@ -19,16 +17,17 @@ def _rows() -> list[dict]:
     return rows
 
 
-def test_host_time_is_the_mean_time_of_one_call():
-    calls = []
+def test_host_time_is_the_mean_time_of_one_call(monkeypatch):
+    """On a fake clock that each call advances by 2 ms (no real timing in tests)."""
+    clock = [0.0]
+    monkeypatch.setattr("benches.common.time.perf_counter", lambda: clock[0])
 
-    def sleepy():
-        calls.append(None)
-        time.sleep(0.002)
+    def call():
+        clock[0] += 0.002
 
-    ms = host_ms(sleepy, iters=10)
-    assert len(calls) == 11  # a warm-up call, then the timed ones
-    assert 2.0 <= ms < 20.0
+    ms = host_ms(call, iters=10)
+    assert clock[0] == pytest.approx(0.022)  # a warm-up call, then the timed ones
+    assert ms == pytest.approx(2.0)
 
 
 def test_speedups_are_anchor_time_over_own_time_within_shape_and_pass():
@@ -51,5 +50,5 @@ def test_plot_writes_a_png_with_a_panel_per_pass(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
-    width, height = Image.open(path).size
+    width, _ = Image.open(path).size
     assert width > 1.5 * 7.5 * 120  # two panels of 7.5 inches at 120 dpi

@@ -168,7 +168,8 @@ def _check_torch_func_matches_autograd(q, k, v, g):
     expected = torch.autograd.grad(_lightning_loss(q_leaf, k, v, g, "reference"), q_leaf)[0]
     torch.testing.assert_close(torch.func.grad(_lightning_loss)(q, k, v, g), expected)
     per_row = torch.func.vmap(_lightning_loss, in_dims=(0, None, None, None))(torch.stack([q, 2 * q]), k, v, g)
-    torch.testing.assert_close(per_row, torch.stack([_lightning_loss(q, k, v, g), _lightning_loss(2 * q, k, v, g)]))
+    looped = [_lightning_loss(x, k, v, g, "reference") for x in (q, 2 * q)]
+    torch.testing.assert_close(per_row, torch.stack(looped))
 
 
 def test_torch_func_transforms_run_the_reference_and_refuse_a_forced_kernel(monkeypatch):
@@ -188,7 +189,7 @@ def test_gpu_torch_func_transforms_fall_back_from_the_kernels_to_the_reference()
     _check_torch_func_matches_autograd(q, k, v, g)
 
 
-# Calls with an empty dimension: (inputs by shape, differentiable inputs, call). Shapes list [B, T, H, D] tensors.
+# Calls with an empty dimension: (input shapes, how many leading inputs are differentiable, call).
 EMPTY_DIMS = {
     "lightning_attn T=0": ([(1, 0, 2, 64)] * 3, 3, lambda x, b: ops.lightning_attn(*x, -torch.rand(2), backend=b)[0]),
     "lightning_attn_step B=0": ([(0, 1, 2, 64)] * 3, 0, lambda x, b: ops.lightning_attn_step(
