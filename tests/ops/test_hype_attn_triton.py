@@ -368,6 +368,20 @@ def test_gpu_packed_sequences_match_reference(case: Case):
 
 
 @pytest.mark.cuda
+def test_gpu_dkdv_after_an_empty_query_range():
+    """One packed sequence of 58 queries and 116 keys (D = 128, bf16, not causal): the dk/dv kernel's range of full
+    query blocks is empty and its masked last block is not. Such launches once hung intermittently (the kernel never
+    finished): 40 in a row must finish, and match the reference."""
+    case = Case(B=1, T=58, S=116, Hq=1, Hkv=1, D=128, dtype=torch.bfloat16, alpha=500.0, scale=None, causal=False,
+                strided=False, lengths_q=[58], lengths_k=[116], seed=0)
+    x = _make_inputs(case, "cuda")
+    for _ in range(40):
+        got = _kernels(x, case)
+        torch.cuda.synchronize()
+    _assert_matches_reference(x, case, got)
+
+
+@pytest.mark.cuda
 @given(case=decode_cases(GPU_DTYPES, [64, 128], max_batch=4, max_capacity_blocks=40, block_sizes=[16, 64, 256]))
 def test_gpu_decode_matches_reference_and_paged_equals_contiguous(case: DecodeCase):
     _check_decode(case, "cuda")

@@ -69,42 +69,47 @@ def hype_attn_bwd_kernel_dkdv_tile(dk, dv, k_tile, v_tile, q, do, lse_base, delt
     q heads (one flat loop over (head, block) pairs keeps register pressure at that of a single loop)."""
     offs_m = tl.arange(0, BLOCK_M)
     blocks = tl.cdiv(end - start, BLOCK_M)
-    for step in range(0, GROUP * blocks):
-        g = step // blocks
-        start_m = start + (step - g * blocks) * BLOCK_M
-        rows = start_m + offs_m
-        if USE_TMA:
-            q_src = q
-            do_src = do
-        else:
-            q_src = q + g * stride_qh
-            do_src = do + g * stride_doh
-        q_tile = load_rows(q_src, row_base, col0 + g * D, start_m, stride_qt, T_len, BLOCK_M, D, MASKED, USE_TMA)
-        do_tile = load_rows(do_src, row_base, col0 + g * D, start_m, stride_dot, T_len, BLOCK_M, D, MASKED,
-                            USE_TMA)
-        stats = g * T + rows
-        if MASKED:
-            row_ok = rows < T_len
-            lse2 = tl.load(lse_base + stats, mask=row_ok, other=0.0) * LOG2E
-            delta = tl.load(delta_base + stats, mask=row_ok, other=0.0)
-        else:
-            lse2 = tl.load(lse_base + stats) * LOG2E
-            delta = tl.load(delta_base + stats)
-        t = pos_offset + rows
-        row_factor = hype_row_factor(t, scale_log2e, alpha, inv_log_alpha, USE_HYPE)
-        qk_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(qk_t * row_factor[None, :] - lse2[None, :])
-        if MASKED:
-            # Rows past the sequence may hold another sequence's data (TMA): drop them explicitly.
-            valid = row_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[:, None] <= t[None, :])
-            p_t = tl.where(valid, p_t, 0.0)
-        dv = tl.dot(p_t.to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
-        # row_factor / log2(e) = scale * s_t: the logit's derivative factor for this query column.
-        ds_t = p_t * (dp_t - delta[None, :]) * (row_factor * LN2)[None, :]
-        dk = tl.dot(ds_t.to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
+    # An empty range must not reach the pipelined loop: with Triton 3.6 on an H200, an empty TMA loop here followed
+    # by a non-empty masked range left the kernel spinning forever, intermittently (one packed sequence of 58
+    # queries and 116 keys, D = 128, not causal: test_gpu_dkdv_after_an_empty_query_range).
+    if blocks > 0:
+        for step in range(0, GROUP * blocks):
+            g = step // blocks
+            start_m = start + (step - g * blocks) * BLOCK_M
+            rows = start_m + offs_m
+            if USE_TMA:
+                q_src = q
+                do_src = do
+            else:
+                q_src = q + g * stride_qh
+                do_src = do + g * stride_doh
+            q_tile = load_rows(q_src, row_base, col0 + g * D, start_m, stride_qt, T_len, BLOCK_M, D, MASKED,
+                               USE_TMA)
+            do_tile = load_rows(do_src, row_base, col0 + g * D, start_m, stride_dot, T_len, BLOCK_M, D, MASKED,
+                                USE_TMA)
+            stats = g * T + rows
+            if MASKED:
+                row_ok = rows < T_len
+                lse2 = tl.load(lse_base + stats, mask=row_ok, other=0.0) * LOG2E
+                delta = tl.load(delta_base + stats, mask=row_ok, other=0.0)
+            else:
+                lse2 = tl.load(lse_base + stats) * LOG2E
+                delta = tl.load(delta_base + stats)
+            t = pos_offset + rows
+            row_factor = hype_row_factor(t, scale_log2e, alpha, inv_log_alpha, USE_HYPE)
+            qk_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            p_t = tl.exp2(qk_t * row_factor[None, :] - lse2[None, :])
+            if MASKED:
+                # Rows past the sequence may hold another sequence's data (TMA): drop them explicitly.
+                valid = row_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[:, None] <= t[None, :])
+                p_t = tl.where(valid, p_t, 0.0)
+            dv = tl.dot(p_t.to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+            # row_factor / log2(e) = scale * s_t: the logit's derivative factor for this query column.
+            ds_t = p_t * (dp_t - delta[None, :]) * (row_factor * LN2)[None, :]
+            dk = tl.dot(ds_t.to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
