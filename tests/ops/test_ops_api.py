@@ -191,9 +191,10 @@ def test_gpu_torch_func_transforms_fall_back_from_the_kernels_to_the_reference()
 
 # Calls with an empty dimension: (input shapes, how many leading inputs are differentiable, call).
 EMPTY_DIMS = {
-    "lightning_attn T=0": ([(1, 0, 2, 64)] * 3, 3, lambda x, b: ops.lightning_attn(*x, -torch.rand(2), backend=b)[0]),
+    "lightning_attn T=0": ([(1, 0, 2, 64)] * 3, 3, lambda x, b: ops.lightning_attn(
+        *x, -torch.rand(2, device=x[0].device), backend=b)[0]),
     "lightning_attn_step B=0": ([(0, 1, 2, 64)] * 3, 0, lambda x, b: ops.lightning_attn_step(
-        *x, -torch.rand(2), torch.zeros(1, 2, 64, 64, device=x[0].device), backend=b)),
+        *x, -torch.rand(2, device=x[0].device), torch.zeros(1, 2, 64, 64, device=x[0].device), backend=b)),
     "hype_attn B=0": ([(0, 3, 2, 64)] * 3, 3, lambda x, b: ops.hype_attn(*x, backend=b)),
     "hype_attn_decode B=0": ([(0, 1, 2, 64), (0, 8, 2, 64), (0, 8, 2, 64)], 0, lambda x, b: ops.hype_attn_decode(
         *x, torch.zeros(0, dtype=torch.int32, device=x[0].device), backend=b)),
