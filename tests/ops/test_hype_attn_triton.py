@@ -333,6 +333,13 @@ def test_bad_kernel_configs_are_named(config):
         bwd.hype_attn_bwd(q, q, q, o, lse, q, dq_config=config)
 
 
+def test_tma_setting_reads_zero_or_one(monkeypatch):
+    assert fwd.tma_setting(None) and fwd.tma_setting("1") and not fwd.tma_setting("0")
+    monkeypatch.setenv("HYPENET_HYPE_TMA", "yes")
+    with pytest.raises(ValueError, match="HYPENET_HYPE_TMA must be 0 or 1, got 'yes'"):
+        fwd.use_tma(torch.zeros(1, 4, 2, 64))
+
+
 def test_unsupported_inputs_are_named():
     device = triton_device()
     q = torch.zeros(1, 4, 2, 96, dtype=torch.float16, device=device)

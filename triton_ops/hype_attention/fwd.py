@@ -37,8 +37,17 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, fixed (no autotuning keyed on T). D = 128: the fastest
 # of a sweep on an H200 (bf16, causal, B4 T4096 and B1 T16384; 227 KB of shared memory with TMA); D = 64: not swept.
 FWD_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
-# Load tiles with TMA on Hopper and newer when the inputs allow it (contiguous, 16-byte aligned, 16-bit).
-TMA_ENABLED = True
+# Load tiles with TMA on Hopper and newer when the inputs allow it (contiguous, 16-byte aligned, 16-bit), unless
+# $HYPENET_HYPE_TMA is "0": pointer loads instead, a way out should a TMA launch ever stall (one did, intermittently:
+# see hype_attn_bwd_kernel_dkdv_tile).
+TMA_ENV = "HYPENET_HYPE_TMA"
+
+
+def tma_setting(value: Optional[str]) -> bool:
+    """Whether $HYPENET_HYPE_TMA (None when unset) allows TMA loads."""
+    if value not in (None, "0", "1"):
+        raise ValueError(f"{TMA_ENV} must be 0 or 1, got {value!r}")
+    return value != "0"
 
 
 def inputs_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k",
@@ -85,7 +94,9 @@ def hype_row_factors(scale: float, alpha: Optional[float]) -> tuple[float, float
 def use_tma(*tensors: torch.Tensor) -> bool:
     """Whether TMA descriptors can carry these [B, L, H, D] tensors: Hopper or newer, not the interpreter,
     contiguous 16-bit tensors on 16-byte boundaries."""
-    if not TMA_ENABLED or TensorDescriptor is None or os.environ.get("TRITON_INTERPRET") == "1":
+    if not tma_setting(os.environ.get(TMA_ENV)):
+        return False
+    if TensorDescriptor is None or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if not all(t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and t.is_contiguous()
                and t.data_ptr() % 16 == 0 for t in tensors):
