@@ -69,8 +69,10 @@ def hype_attn_bwd_kernel_dkdv_tile(dk, dv, k_tile, v_tile, q, do, lse_base, delt
     q heads (one flat loop over (head, block) pairs keeps register pressure at that of a single loop)."""
     offs_m = tl.arange(0, BLOCK_M)
     blocks = tl.cdiv(end - start, BLOCK_M)
-    # An empty range must not reach the pipelined loop: with Triton 3.6 on an H200, an empty TMA loop here followed
-    # by a non-empty masked range left the kernel spinning forever, intermittently (one packed sequence of 58
+    # An empty range must not reach the loop. Triton's software pipeliner evaluates the first step's `step // blocks`
+    # before the loop even when it runs no step; with blocks == 0 that division is undefined, and the compiled code
+    # (Triton 3.6, sm_90a PTX) lost the empty-loop predicate of the prologue's TMA loads. Those loads then completed
+    # on a barrier the next range had re-initialised, and the kernel hung, intermittently (one packed sequence of 58
     # queries and 116 keys, D = 128, not causal: test_gpu_dkdv_after_an_empty_query_range).
     if blocks > 0:
         for step in range(0, GROUP * blocks):
