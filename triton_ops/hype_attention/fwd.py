@@ -38,8 +38,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # of a sweep on an H200 (bf16, causal, B4 T4096 and B1 T16384; 227 KB of shared memory with TMA); D = 64: not swept.
 FWD_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
 # Load tiles with TMA on Hopper and newer when the inputs allow it (contiguous, 16-byte aligned, 16-bit), unless
-# $HYPENET_HYPE_TMA is "0": pointer loads instead, a way out should a TMA launch ever stall (one did, intermittently:
-# see hype_attn_bwd_kernel_dkdv_tile).
+# $HYPENET_HYPE_TMA is "0": pointer loads instead, to tell a TMA-specific fault from others (the dk/dv kernel once
+# hung on stale TMA loads: see hype_attn_bwd_kernel_dkdv_tile).
 TMA_ENV = "HYPENET_HYPE_TMA"
 
 
