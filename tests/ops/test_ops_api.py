@@ -226,7 +226,9 @@ def test_empty_dimensions_give_the_reference_results_on_the_kernel_backend(case)
             loss = sum(o.float().sum() for o in outputs)
             grads = torch.autograd.grad(loss, inputs[:differentiable])
         results[backend] = (outputs, grads)
-    for got, want in zip(*(sum(results[b], ()) for b in ("triton", "reference"))):
+    got_all, want_all = (sum(results[b], ()) for b in ("triton", "reference"))
+    assert len(got_all) == len(want_all), f"{len(got_all)} results on the kernels, {len(want_all)} on the reference"
+    for got, want in zip(got_all, want_all):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
