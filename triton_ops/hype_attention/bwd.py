@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .fwd import (LN2, LOG2E, block_schedule, dot_precision, hype_row_factor, hype_row_factors, kernel_config,
-                  load_rows, locate_tile, row_descriptor, search_steps, use_tma)
+                  load_rows, locate_query_block, locate_tile, row_descriptor, search_steps, use_tma)
 from .fwd import unsupported_reason as fwd_unsupported_reason
 
 # Per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dk/dv kernel (BLOCK_N keys held, BLOCK_M
@@ -246,22 +246,10 @@ def hype_attn_bwd_kernel_dq(
     h = pid_bh % HQ
     b = pid_bh // HQ
     hk = h // GROUP
-    if VARLEN:
-        tile = tl.load(schedule + num_seqs) - 1 - pid_m
-        if tile < 0:
-            return
-        n = locate_tile(schedule, tile, num_seqs, steps)
-        start_m = (tile - tl.load(schedule + n)) * BLOCK_M
-        q_start = tl.load(cu_seqlens_q + n).to(tl.int32)
-        T_len = tl.load(cu_seqlens_q + n + 1).to(tl.int32) - q_start
-        k_start = tl.load(cu_seqlens_k + n).to(tl.int32)
-        S_len = tl.load(cu_seqlens_k + n + 1).to(tl.int32) - k_start
-    else:
-        start_m = (tl.cdiv(T, BLOCK_M) - 1 - pid_m) * BLOCK_M
-        q_start = 0
-        T_len = T
-        k_start = 0
-        S_len = S
+    start_m, q_start, T_len, k_start, S_len = locate_query_block(pid_m, schedule, cu_seqlens_q, cu_seqlens_k,
+                                                                 num_seqs, steps, T, S, BLOCK_M, VARLEN)
+    if start_m < 0:
+        return
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)

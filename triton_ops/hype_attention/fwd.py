@@ -138,6 +138,29 @@ def locate_tile(schedule, tile, num_seqs, steps):
 
 
 @triton.jit
+def locate_query_block(pid_m, schedule, cu_seqlens_q, cu_seqlens_k, num_seqs, steps, T, S,
+                       BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+    """(start_m, q_start, T_len, k_start, S_len) of the query block program pid_m handles: its first row within
+    its sequence, where that sequence's queries and keys start, and their lengths. Heaviest (last) blocks come
+    first. start_m < 0: packed batches launch more programs than they have blocks, and this one has none."""
+    if VARLEN:
+        tile = tl.load(schedule + num_seqs) - 1 - pid_m
+        n = locate_tile(schedule, tl.maximum(tile, 0), num_seqs, steps)
+        start_m = tl.where(tile < 0, -1, (tile - tl.load(schedule + n)) * BLOCK_M)
+        q_start = tl.load(cu_seqlens_q + n).to(tl.int32)
+        T_len = tl.load(cu_seqlens_q + n + 1).to(tl.int32) - q_start
+        k_start = tl.load(cu_seqlens_k + n).to(tl.int32)
+        S_len = tl.load(cu_seqlens_k + n + 1).to(tl.int32) - k_start
+    else:
+        start_m = (tl.cdiv(T, BLOCK_M) - 1 - pid_m) * BLOCK_M
+        q_start = 0
+        T_len = T
+        k_start = 0
+        S_len = S
+    return start_m, q_start, T_len, k_start, S_len
+
+
+@triton.jit
 def hype_row_factor(t, scale_log2e, alpha, inv_log_alpha, USE_HYPE: tl.constexpr):
     """float32 scale * s_t * log2(e) for absolute positions t (int tensor)."""
     if USE_HYPE:
@@ -211,23 +234,10 @@ def hype_attn_fwd_kernel_main(
     h = pid_bh % HQ
     b = pid_bh // HQ
     hk = h // GROUP
-    if VARLEN:
-        num_tiles = tl.load(schedule + num_seqs)
-        tile = num_tiles - 1 - pid_m
-        if tile < 0:
-            return
-        n = locate_tile(schedule, tile, num_seqs, steps)
-        start_m = (tile - tl.load(schedule + n)) * BLOCK_M
-        q_start = tl.load(cu_seqlens_q + n).to(tl.int32)
-        T_len = tl.load(cu_seqlens_q + n + 1).to(tl.int32) - q_start
-        k_start = tl.load(cu_seqlens_k + n).to(tl.int32)
-        S_len = tl.load(cu_seqlens_k + n + 1).to(tl.int32) - k_start
-    else:
-        start_m = (tl.cdiv(T, BLOCK_M) - 1 - pid_m) * BLOCK_M
-        q_start = 0
-        T_len = T
-        k_start = 0
-        S_len = S
+    start_m, q_start, T_len, k_start, S_len = locate_query_block(pid_m, schedule, cu_seqlens_q, cu_seqlens_k,
+                                                                 num_seqs, steps, T, S, BLOCK_M, VARLEN)
+    if start_m < 0:
+        return
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
