@@ -30,6 +30,7 @@ BUILD_INFO_RELPATH = Path("hypenet") / "_build_info.json"
 # Each CUDA op registered by csrc/binding.cpp and the glob of the kernel sources it needs.
 CUDA_OPS = {
     "lightning_attn_step": "csrc/lightning/lightning_attn_step_*.cu",
+    "lightning_chunk_scan": "csrc/lightning/lightning_chunk_scan_*.cu",
 }
 BINDING_SOURCE = "csrc/binding.cpp"
 

@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,10 +16,12 @@
 
 #include <climits>
 #include <cstdint>
+#include <optional>
 
 #include "common/params.h"
 #include "common/static_switch.h"
 #include "lightning/lightning_attn_step.h"
+#include "lightning/lightning_chunk_scan.h"
 
 namespace hypenet {
 namespace {
@@ -137,6 +140,104 @@ at::Tensor lightning_attn_step(const at::Tensor& q, const at::Tensor& k, const a
   return o;
 }
 
+void check_aligned16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hypenet_cuda.lightning_chunk_scan: ", name,
+              "'s data pointer must be 16-byte aligned (the kernel copies 16-byte vectors)");
+}
+
+// The output stage of the chunked scan over an equal-length batch (lightning_chunk_scan.h).
+// a, b [B, T, H, D]; c [B, T, H, D] bf16 contiguous, D in {64, 128}; log_decay [H] fp32;
+// start_state [B * num_segs or B, H, D, D] fp32 (any strides); final_state [B, H, D, D] fp32 and
+// out [B, T, H, D] bf16 contiguous are written.
+void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& log_decay,
+                          const std::optional<at::Tensor>& start_state, const std::optional<at::Tensor>& final_state,
+                          const at::Tensor& out, int64_t seg_len, int64_t num_segs, double scale,
+                          double state_in_scale, double state_out_scale, bool reverse, bool start_per_segment) {
+  const at::Device device = a.device();
+  check_cuda_on(a, "a", device);
+  check_cuda_on(b, "b", device);
+  check_cuda_on(c, "c", device);
+  check_cuda_on(out, "out", device);
+  check_cuda_on(log_decay, "log_decay", device);
+  TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.sizes() == c.sizes() && a.sizes() == out.sizes(),
+              "hypenet_cuda.lightning_chunk_scan: a, b, c, out must be [B, T, H, D] of one shape, got ", a.sizes(),
+              ", ", b.sizes(), ", ", c.sizes(), ", ", out.sizes());
+  const int64_t batch = a.size(0), seqlen = a.size(1), heads = a.size(2), head_dim = a.size(3);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "hypenet_cuda.lightning_chunk_scan: D must be 64 or 128, got ",
+              head_dim);
+  for (const at::Tensor* t : {&a, &b, &c, &out}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
+                "hypenet_cuda.lightning_chunk_scan: a, b, c, out must be contiguous bfloat16, got ", t->scalar_type());
+  }
+  check_aligned16(a, "a");
+  check_aligned16(b, "b");
+  check_aligned16(c, "c");
+  check_aligned16(out, "out");
+  TORCH_CHECK(log_decay.scalar_type() == at::kFloat && log_decay.dim() == 1 && log_decay.size(0) == heads &&
+                  log_decay.is_contiguous(),
+              "hypenet_cuda.lightning_chunk_scan: log_decay must be contiguous float32 [H=", heads, "], got ",
+              log_decay.scalar_type(), " ", log_decay.sizes());
+  TORCH_CHECK(seg_len > 0 && seg_len % 64 == 0 && seg_len <= INT_MAX,
+              "hypenet_cuda.lightning_chunk_scan: seg_len must be a positive multiple of 64, got ", seg_len);
+  const int64_t expected_segs = seqlen > 0 ? (seqlen + seg_len - 1) / seg_len : 1;
+  TORCH_CHECK(num_segs == expected_segs, "hypenet_cuda.lightning_chunk_scan: num_segs must be ceil(T / seg_len) = ",
+              expected_segs, ", got ", num_segs);
+  auto check_state = [&](const at::Tensor& t, const char* name, int64_t rows) {
+    check_cuda_on(t, name, device);
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(0) == rows && t.size(1) == heads &&
+                    t.size(2) == head_dim && t.size(3) == head_dim,
+                "hypenet_cuda.lightning_chunk_scan: ", name, " must be float32 [", rows, ", ", heads, ", ", head_dim,
+                ", ", head_dim, "], got ", t.scalar_type(), " ", t.sizes());
+  };
+  if (start_state.has_value()) check_state(*start_state, "start_state", start_per_segment ? batch * num_segs : batch);
+  if (final_state.has_value()) check_state(*final_state, "final_state", batch);
+  const int64_t num_programs = batch * num_segs * heads * (head_dim / 64);
+  TORCH_CHECK(seqlen <= INT_MAX && num_programs <= INT_MAX && heads <= INT_MAX,
+              "hypenet_cuda.lightning_chunk_scan: sizes too large for one launch");
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  LightningScanParams params{};
+  params.a = a.data_ptr();
+  params.b = b.data_ptr();
+  params.c = c.data_ptr();
+  params.out = out.data_ptr();
+  params.log_decay = log_decay.data_ptr<float>();
+  if (start_state.has_value()) {
+    params.start_state = start_state->data_ptr<float>();
+    params.start_stride_n = start_state->stride(0);
+    params.start_stride_h = start_state->stride(1);
+    params.start_stride_a = start_state->stride(2);
+    params.start_stride_c = start_state->stride(3);
+  }
+  if (final_state.has_value()) {
+    params.final_state = final_state->data_ptr<float>();
+    params.final_stride_n = final_state->stride(0);
+    params.final_stride_h = final_state->stride(1);
+    params.final_stride_a = final_state->stride(2);
+    params.final_stride_c = final_state->stride(3);
+  }
+  params.seqlen = static_cast<int>(seqlen);
+  params.heads = static_cast<int>(heads);
+  params.seg_len = static_cast<int>(seg_len);
+  params.num_segs = static_cast<int>(num_segs);
+  params.num_programs = num_programs;
+  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  params.scale = static_cast<float>(scale);
+  params.state_in_scale = static_cast<float>(state_in_scale);
+  params.state_out_scale = static_cast<float>(state_out_scale);
+  params.start_per_segment = start_per_segment;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  HYPENET_HEADDIM_SWITCH(head_dim, [&] {
+    if (reverse) {
+      run_lightning_chunk_scan<kHeadDim, true>(params, stream);
+    } else {
+      run_lightning_chunk_scan<kHeadDim, false>(params, stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace hypenet
 
@@ -144,9 +245,16 @@ TORCH_LIBRARY(hypenet_cuda, m) {
   m.def(
       "lightning_attn_step(Tensor q, Tensor k, Tensor v, Tensor log_decay, Tensor(a!) state, "
       "Tensor state_indices, float scale) -> Tensor");
+  m.def(
+      "lightning_chunk_scan(Tensor a, Tensor b, Tensor c, Tensor log_decay, Tensor? start_state, "
+      "Tensor(a!)? final_state, Tensor(b!) out, int seg_len, int num_segs, float scale, float state_in_scale, "
+      "float state_out_scale, bool reverse, bool start_per_segment) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(hypenet_cuda, CUDA, m) { m.impl("lightning_attn_step", &hypenet::lightning_attn_step); }
+TORCH_LIBRARY_IMPL(hypenet_cuda, CUDA, m) {
+  m.impl("lightning_attn_step", &hypenet::lightning_attn_step);
+  m.impl("lightning_chunk_scan", &hypenet::lightning_chunk_scan);
+}
 
 // `import hypenet._C` loads this library, which runs the registrations above; the module itself
 // holds nothing.

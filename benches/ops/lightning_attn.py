@@ -5,7 +5,9 @@ Rows per shape: forward, and forward + backward (gradients of q, k, v). Anchors:
 ("fla chunk_simple_gla", the speedup column), and fla on q, k, v already cast to fp32 ("fla chunk_simple_gla
 fp32": what the published model runs; the cast itself is not timed). hypenet rows call the kernel launchers
 (triton_ops.lightning.chunk) directly; "hypenet-triton op" goes through `hypenet.ops.lightning_attn` and autograd
-(validation and dispatch included), fla through its autograd function. Gradients come from torch.autograd.grad,
+(validation and dispatch included), fla through its autograd function. "hypenet-cuda" rows (equal-length batches,
+when hypenet._C holds it) run the scans' output stage with the CUDA kernel `hypenet_cuda.lightning_chunk_scan` and
+the segment stages with the Triton ones. Gradients come from torch.autograd.grad,
 so nothing accumulates into .grad between calls. Bandwidth and "pct_floor" count the fewest bytes
 (benches.common.lightning_chunk_bytes: inputs read once, outputs written once).
 
@@ -42,6 +44,7 @@ FLA = "fla chunk_simple_gla"
 FLA_FP32 = "fla chunk_simple_gla fp32"
 OURS = "hypenet-triton"
 OURS_OP = "hypenet-triton op"
+OURS_CUDA = "hypenet-cuda"
 
 
 def _log_decay() -> torch.Tensor:
@@ -59,16 +62,23 @@ def _inputs(B: int, T: int, seed: int) -> dict:
     return {"q": randn(B, T, H, D), "k": randn(B, T, H, D), "v": randn(B, T, H, D), "do": randn(B, T, H, D)}
 
 
-def _ours(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:
+def _ours(backward: bool, cu_seqlens: Optional[torch.Tensor], cuda_output_stage: bool = False) -> Callable:
     from triton_ops.lightning.chunk import lightning_chunk_bwd, lightning_chunk_train_fwd
 
     def run(x, g, scale):
-        o, _, starts, tables = lightning_chunk_train_fwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, False)
+        o, _, starts, tables = lightning_chunk_train_fwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, False,
+                                                         cuda_output_stage=cuda_output_stage)
         if backward:  # as the op's autograd does: the backward reuses the forward's start states and packed tables
             return lightning_chunk_bwd(x["q"], x["k"], x["v"], g, scale, None, cu_seqlens, x["do"], None,
-                                       start_states=starts, packed_tables=tables)[:3]
+                                       start_states=starts, packed_tables=tables,
+                                       cuda_output_stage=cuda_output_stage)[:3]
         return o
     return run
+
+
+def _has_cuda_scan() -> bool:
+    from hypenet.ops.cuda_ext import cuda_op_available
+    return cuda_op_available("lightning_chunk_scan")
 
 
 def _ours_op(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:
@@ -98,6 +108,8 @@ def _fla(backward: bool, cu_seqlens: Optional[torch.Tensor], fp32: bool) -> Call
 
 def _backends(backward: bool, cu_seqlens: Optional[torch.Tensor], with_fp32: bool) -> tuple[dict, dict]:
     backends, skipped = {OURS: _ours(backward, cu_seqlens), OURS_OP: _ours_op(backward, cu_seqlens)}, {}
+    if cu_seqlens is None and _has_cuda_scan():
+        backends[OURS_CUDA] = _ours(backward, None, cuda_output_stage=True)
     try:
         backends[FLA] = _fla(backward, cu_seqlens, fp32=False)
         if with_fp32:
@@ -117,14 +129,16 @@ def _check(log_decay: torch.Tensor, scale: float) -> None:
         leaves = [y[n].double().requires_grad_() for n in ("q", "k", "v")]
         o_ref, _ = lightning_attn_ref(*leaves, log_decay, scale, None, False, cu_seqlens)
         grads_ref = torch.autograd.grad(o_ref, leaves, y["do"].double())
-        o = _ours(False, cu_seqlens)(y, log_decay, scale)
-        grads = _ours(True, cu_seqlens)(y, log_decay, scale)
-        what = "packed" if cu_seqlens is not None else "dense"
-        check_close(f"{OURS} {what} o", o, o_ref.detach(), 1e-2)
-        for name, got, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
-            check_close(f"{OURS} {what} {name}", got, ref, 1e-2)
-    print("# checked hypenet-triton: o, dq, dk, dv match the fp64 reference (dense B2 T2048, packed 3 sequences)",
-          flush=True)
+        cuda_stages = (False, True) if cu_seqlens is None and _has_cuda_scan() else (False,)
+        for cuda_output_stage in cuda_stages:
+            o = _ours(False, cu_seqlens, cuda_output_stage)(y, log_decay, scale)
+            grads = _ours(True, cu_seqlens, cuda_output_stage)(y, log_decay, scale)
+            what = f"{OURS_CUDA if cuda_output_stage else OURS} {'packed' if cu_seqlens is not None else 'dense'}"
+            check_close(f"{what} o", o, o_ref.detach(), 1e-2)
+            for name, got, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+                check_close(f"{what} {name}", got, ref, 1e-2)
+    print("# checked: o, dq, dk, dv match the fp64 reference (dense B2 T2048, packed 3 sequences; hypenet-cuda "
+          "dense when built)", flush=True)
 
 
 def _time_rows(shape: str, backends: dict, x: dict, log_decay: torch.Tensor, scale: float, backward: bool,

@@ -35,4 +35,33 @@ struct LightningStepParams {
   bool indices_are_int64;
 };
 
+// The output stage of the chunked scan over an equal-length batch (csrc/lightning/lightning_chunk_scan.h).
+// a, b [B, T, H, DA]; c, out [B, T, H, DC], contiguous; log_decay [H] fp32. start_state holds S at the start
+// of every segment ([N * num_segs, H, DA, DC]) or of every sequence ([N, H, DA, DC]), final_state [N, H, DA, DC]
+// receives the state after the sequence's end (its start, backwards); both fp32, given by strides, may be null.
+struct LightningScanParams {
+  const void* __restrict__ a;
+  const void* __restrict__ b;
+  const void* __restrict__ c;
+  void* __restrict__ out;
+  const float* __restrict__ log_decay;
+  const float* __restrict__ start_state;
+  float* __restrict__ final_state;
+
+  int64_t start_stride_n, start_stride_h, start_stride_a, start_stride_c;
+  int64_t final_stride_n, final_stride_h, final_stride_a, final_stride_c;
+
+  int seqlen;    // T
+  int heads;     // H
+  int seg_len;   // tokens per segment, a multiple of the chunk
+  int num_segs;  // segments per sequence
+  int64_t num_programs;  // N * num_segs * H * (DC / 64)
+  int sm_count;          // multiprocessors: blocks i and i + sm_count most often share one
+
+  float scale;            // of the intra-chunk scores
+  float state_in_scale;   // of b^T c as it enters the state
+  float state_out_scale;  // of a S as it enters the output
+  bool start_per_segment;
+};
+
 }  // namespace hypenet

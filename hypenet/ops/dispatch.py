@@ -1,9 +1,9 @@
 """Backend selection: a pure function of device, dtype, dims and the override, so it traces under torch.compile.
 
 Every op lists, per backend, either None (it can run these inputs) or the reason it cannot. `auto` takes the
-first usable backend in the order cuda > triton on GPUs; on the CPU it takes the reference (Triton's interpreter
-runs there only when forced, for tests). Under a torch.func transform (outside torch.compile tracing) only the
-reference can run.
+first usable backend in the order cuda > triton on GPUs (an op reverses it where its CUDA kernels are the slower
+ones); on the CPU it takes the reference (Triton's interpreter runs there only when forced, for tests). Under a
+torch.func transform (outside torch.compile tracing) only the reference can run.
 """
 
 from __future__ import annotations
@@ -43,10 +43,15 @@ def _functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def select_backend(op: str, backend: Optional[str], device: torch.device, reasons: dict[str, Optional[str]]) -> str:
+GPU_AUTO_ORDER = ("cuda", "triton")
+
+
+def select_backend(op: str, backend: Optional[str], device: torch.device,
+                   reasons: dict[str, Optional[str]], gpu_order: tuple[str, ...] = GPU_AUTO_ORDER) -> str:
     """Pick the backend for `op` on inputs living on `device`. `reasons[name]` is None when that backend can run
-    the inputs; a requested backend that cannot raises with its reason. Under a torch.func transform only the
-    reference can run."""
+    the inputs; a requested backend that cannot raises with its reason. Auto on a GPU takes the first usable one
+    of `gpu_order` (an op whose CUDA kernels are slower than its Triton ones lists Triton first). Under a
+    torch.func transform only the reference can run."""
     if _functorch_active():
         reasons = {name: reason if name == "reference" else FUNCTORCH_REASON for name, reason in reasons.items()}
     wanted = requested_backend(backend)
@@ -56,7 +61,7 @@ def select_backend(op: str, backend: Optional[str], device: torch.device, reason
             raise ValueError(f"{op}: backend {wanted!r} cannot run these inputs: {reason}")
         return wanted
     if device.type == "cuda":
-        for name in ("cuda", "triton"):
+        for name in gpu_order:
             if reasons.get(name, "absent") is None:
                 return name
     return "reference"

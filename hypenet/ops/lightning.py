@@ -74,12 +74,17 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V]")
     scale = K ** -0.5 if scale is None else float(scale)
 
+    triton_reason = triton_kernel_reason(CHUNK_MODULE, device, q, k, v)
     reasons = {
         "reference": None,
-        "triton": triton_kernel_reason(CHUNK_MODULE, device, q, k, v),
-        "cuda": cuda_kernel_reason("lightning_attn", device, q, k, v),
+        "triton": triton_reason,
+        # The CUDA backend runs the output stage (the scan itself) in hypenet._C and the segment stages in Triton.
+        "cuda": cuda_kernel_reason("lightning_chunk_scan", device, q, k, v, cu_seqlens) or (
+            f"its segment stages are Triton kernels: {triton_reason}" if triton_reason else None),
     }
-    chosen = select_backend("lightning_attn", backend, device, reasons)
+    # Auto prefers Triton: the CUDA output stage (mma.sync) is ~1.5x slower than the Triton one (wgmma) on Hopper
+    # (BENCHMARKS.md); backend="cuda" runs it.
+    chosen = select_backend("lightning_attn", backend, device, reasons, gpu_order=("triton", "cuda"))
     if chosen == "reference":
         return lightning_attn_ref(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     o, final_state, _, _ = _lightning_attn_fwd_op(q, k, v, log_decay, scale, initial_state, output_final_state,
@@ -94,7 +99,7 @@ def _lightning_attn_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     (custom ops return tensors only: an empty tensor stands for "not asked" or "none")."""
     kernels = load_kernel_module(CHUNK_MODULE)
     o, final_state, start_states, packed_tables = kernels.lightning_chunk_train_fwd(
-        q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state)
+        q, k, v, log_decay, scale, initial_state, cu_seqlens, output_final_state, cuda_output_stage=backend == "cuda")
     return o, _or_empty(final_state, q), _or_empty(start_states, q), _or_empty(packed_tables, q, torch.int32)
 
 
@@ -123,7 +128,8 @@ def _lightning_attn_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     kernels = load_kernel_module(CHUNK_MODULE)
     dq, dk, dv, dinitial = kernels.lightning_chunk_bwd(q, k, v, log_decay, scale, initial_state, cu_seqlens, do,
                                                        dfinal_state, start_states=start_states,
-                                                       packed_tables=packed_tables)
+                                                       packed_tables=packed_tables,
+                                                       cuda_output_stage=backend == "cuda")
     return dq, dk, dv, _or_empty(dinitial, q)
 
 

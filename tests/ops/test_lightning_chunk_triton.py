@@ -103,17 +103,21 @@ def _reference(x: dict, scale: float, to_fp64: bool) -> dict:
     return result
 
 
-def _kernels(x: dict, scale: float, segment_len: Optional[int], reuse_forward: bool = True) -> dict:
+def _kernels(x: dict, scale: float, segment_len: Optional[int], reuse_forward: bool = True,
+             cuda_output_stage: bool = False) -> dict:
     """Forward and backward through the launchers; reuse_forward: the backward gets what the forward returned
-    for it (start states and packed tables), else it recomputes them."""
+    for it (start states and packed tables), else it recomputes them; cuda_output_stage: the scans run the CUDA
+    kernel (tests/ops/test_lightning_chunk_cuda.py)."""
     o, final, starts, tables = chunk.lightning_chunk_train_fwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
                                                                x["initial_state"], x["cu_seqlens"], True,
-                                                               segment_len=segment_len)
+                                                               segment_len=segment_len,
+                                                               cuda_output_stage=cuda_output_stage)
     dq, dk, dv, dinitial = chunk.lightning_chunk_bwd(x["q"], x["k"], x["v"], x["log_decay"], scale,
                                                      x["initial_state"], x["cu_seqlens"], x["do"], x["dfinal"],
                                                      segment_len=segment_len,
                                                      start_states=starts if reuse_forward else None,
-                                                     packed_tables=tables if reuse_forward else None)
+                                                     packed_tables=tables if reuse_forward else None,
+                                                     cuda_output_stage=cuda_output_stage)
     result = {"o": o, "final_state": final, "dq": dq, "dk": dk, "dv": dv}
     if x["initial_state"] is not None:
         result["dinitial_state"] = dinitial
@@ -137,10 +141,10 @@ def _assert_matches(got: dict, lowp: dict, fp64: dict, dtype: torch.dtype) -> No
         assert relative_error(out, truth) <= NORM_TOL[dtype], f"{name}: norm-wise error {relative_error(out, truth)}"
 
 
-def _check_case(case: Case, device: str) -> None:
+def _check_case(case: Case, device: str, cuda_output_stage: bool = False) -> None:
     x = _make_inputs(case, device)
     scale = case.scale
-    got = _kernels(x, scale, case.segment_len, case.reuse_forward)
+    got = _kernels(x, scale, case.segment_len, case.reuse_forward, cuda_output_stage)
     _assert_matches(got, _reference(x, scale, to_fp64=False), _reference(x, scale, to_fp64=True), case.dtype)
 
 

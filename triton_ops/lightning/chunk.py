@@ -818,14 +818,26 @@ def _segment_start_states(b: Tensor, c: Tensor, log_decay: Tensor, state_in_scal
 
 def _scan(a: Tensor, b: Tensor, c: Tensor, log_decay: Tensor, scale: float, state_in_scale: float,
           state_out_scale: float, starts: Optional[Tensor], initial: Optional[Tensor], plan: _Segments | _Packed,
-          reverse: bool, final: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+          reverse: bool, final: Optional[Tensor], out_dtype: torch.dtype, cuda_output_stage: bool) -> Tensor:
     """Run the output stage. a, b [B, T, H, DA]; c [B, T, H, DC] -> out [B, T, H, DC] in out_dtype.
 
     starts: what `_segment_start_states` returned (None when plan.single); initial: [N, H, DA, DC] start of every
-    sequence (any strides) or None (zeros); final: [N, H, DA, DC] (any strides) receives the end state, or None."""
+    sequence (any strides) or None (zeros); final: [N, H, DA, DC] (any strides) receives the end state, or None.
+    cuda_output_stage: run the CUDA kernel `torch.ops.hypenet_cuda.lightning_chunk_scan` instead (equal-length
+    batches, bf16, DA == DC in (64, 128): `hypenet.ops.cuda_ext` says which inputs it takes)."""
+    out = torch.empty(c.shape, dtype=out_dtype, device=c.device)
+    if cuda_output_stage:
+        if isinstance(plan, _Packed):
+            raise ValueError("lightning_chunk: the CUDA output stage runs equal-length batches only (no cu_seqlens)")
+        start = starts if not plan.single else initial
+        # The kernel copies 16-byte vectors: a view that starts off that alignment is copied first.
+        a, b, c = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (a, b, c))
+        torch.ops.hypenet_cuda.lightning_chunk_scan(a, b, c, log_decay, start, final, out, plan.seg_len,
+                                                    plan.num_segs, scale, state_in_scale, state_out_scale, reverse,
+                                                    not plan.single)
+        return out
     H, DA, DC = a.shape[2], a.shape[3], c.shape[3]
     BV = _block_v(DC)
-    out = torch.empty(c.shape, dtype=out_dtype, device=c.device)
     common = dict(DA=DA, DC=DC, BT=CHUNK, BV=BV, REVERSE=reverse, STORE_FINAL=final is not None,
                   STATE_DOT_FP32=a.dtype != torch.bfloat16, DOT_PRECISION=_dot_precision(a.dtype),
                   num_warps=OUTPUT_WARPS, num_stages=OUTPUT_STAGES)
@@ -897,16 +909,19 @@ def packed_tables_shape(q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], *,
 
 def lightning_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], output_final_state: bool,
-                        *, segment_len: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+                        *, segment_len: Optional[int] = None, cuda_output_stage: bool = False
+                        ) -> tuple[Tensor, Optional[Tensor]]:
     """Forward of Lightning Attention (`lightning_chunk_train_fwd` without what the backward reuses)."""
     o, final, _, _ = lightning_chunk_train_fwd(q, k, v, log_decay, scale, initial_state, cu_seqlens,
-                                               output_final_state, segment_len=segment_len)
+                                               output_final_state, segment_len=segment_len,
+                                               cuda_output_stage=cuda_output_stage)
     return o, final
 
 
 def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                               initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                              output_final_state: bool, *, segment_len: Optional[int] = None
+                              output_final_state: bool, *, segment_len: Optional[int] = None,
+                              cuda_output_stage: bool = False
                               ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Forward of Lightning Attention that also returns what its backward can reuse: the states it started its
     segments (packed: ranges) from, and for packed batches the device tables that cut them into chunks and ranges.
@@ -923,6 +938,8 @@ def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor
         output_final_state: also return the state after each sequence's last token.
         segment_len: tokens per parallel segment (packed: per range of chunks), a multiple of 64; default chosen
             from the shapes and the device.
+        cuda_output_stage: walk the segments with the CUDA kernel of hypenet._C (see `_scan`); the segment stages
+            stay Triton kernels.
     Returns:
         o [B, T, H, V] in q.dtype; final_state [N, H, K, V] float32 or None; start states of shape
         `start_states_shape(q, v, cu_seqlens)` float32, or None when that is (0,); packed tables of shape
@@ -932,15 +949,16 @@ def lightning_chunk_train_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     final = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     starts = None if plan.single else _segment_start_states(k, v, log_decay, 1.0, initial_state, plan, False)
-    o = _scan(q, k, v, log_decay, scale, 1.0, scale, starts, initial_state, plan, False, final, q.dtype)
+    o = _scan(q, k, v, log_decay, scale, 1.0, scale, starts, initial_state, plan, False, final, q.dtype,
+              cuda_output_stage)
     return o, final, (starts if K == V else None), (plan.tables if isinstance(plan, _Packed) else None)
 
 
 def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float,
                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], do: Tensor,
                         dfinal_state: Optional[Tensor], *, segment_len: Optional[int] = None,
-                        start_states: Optional[Tensor] = None, packed_tables: Optional[Tensor] = None
-                        ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                        start_states: Optional[Tensor] = None, packed_tables: Optional[Tensor] = None,
+                        cuda_output_stage: bool = False) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Backward of Lightning Attention (inputs as in `lightning_chunk_fwd`).
 
     Args:
@@ -948,6 +966,7 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         dfinal_state: [N, H, K, V] gradient of final_state, or None (zero).
         start_states, packed_tables: what `lightning_chunk_train_fwd` returned for the same inputs and segment_len,
             or None (recomputed).
+        cuda_output_stage: the three scans walk their segments with the CUDA kernel (as in the forward).
     Returns:
         dq [B, T, H, K], dk [B, T, H, K], dv [B, T, H, V] in q.dtype; d initial_state [N, H, K, V] float32
         (None when initial_state is None).
@@ -971,18 +990,21 @@ def lightning_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         starts_t = start_states.transpose(-1, -2)
     else:
         starts_t = None if plan_k.single else _segment_start_states(v, k, log_decay, 1.0, initial_t, plan_k, False)
-    dq = _scan(do, v, k, log_decay, scale, 1.0, scale, starts_t, initial_t, plan_k, False, None, q.dtype)
+    dq = _scan(do, v, k, log_decay, scale, 1.0, scale, starts_t, initial_t, plan_k, False, None, q.dtype,
+               cuda_output_stage)
 
     # dv and dk: backwards scans over the adjoint state dS [K, V] and its transpose.
     adjoint_v = None if plan_v.single else _segment_start_states(q, do, log_decay, scale, dfinal_state, plan_v, True)
     dinitial = (torch.empty(plan_v.N, H, K, V, dtype=torch.float32, device=q.device)
                 if initial_state is not None else None)
-    dv = _scan(k, q, do, log_decay, scale, scale, 1.0, adjoint_v, dfinal_state, plan_v, True, dinitial, q.dtype)
+    dv = _scan(k, q, do, log_decay, scale, scale, 1.0, adjoint_v, dfinal_state, plan_v, True, dinitial, q.dtype,
+               cuda_output_stage)
 
     dfinal_t = dfinal_state.transpose(-1, -2) if dfinal_state is not None else None
     if plan_k is plan_v:
         adjoint_k = adjoint_v.transpose(-1, -2) if adjoint_v is not None else None
     else:
         adjoint_k = None if plan_k.single else _segment_start_states(do, q, log_decay, scale, dfinal_t, plan_k, True)
-    dk = _scan(v, do, q, log_decay, scale, scale, 1.0, adjoint_k, dfinal_t, plan_k, True, None, q.dtype)
+    dk = _scan(v, do, q, log_decay, scale, scale, 1.0, adjoint_k, dfinal_t, plan_k, True, None, q.dtype,
+               cuda_output_stage)
     return dq, dk, dv, dinitial
