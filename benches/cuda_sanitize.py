@@ -38,8 +38,35 @@ def lightning_attn_step_cases(quick: bool) -> int:
     return runs
 
 
+def lightning_chunk_scan_cases(quick: bool) -> int:
+    """Both time directions, both head dims (one each with --quick), T = 130 (a last chunk of 2 rows, rows past the
+    end zero-filled), one segment per sequence from per-sequence start states, and three 64-token segments from
+    per-segment start states given as a transposed (strided) view, with a final state each time."""
+    runs = 0
+    B, T, H = 2, 130, 3
+    for D in (128,) if quick else (64, 128):
+        for reverse in (False,) if quick else (False, True):
+            a, b, c = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            log_decay = -torch.rand(H, device="cuda")
+            for seg_len, per_segment in ((256, False), (64, True)):
+                num_segs = -(-T // seg_len)
+                rows = B * num_segs if per_segment else B
+                start = torch.randn(rows, H, D, D, device="cuda").transpose(-1, -2)
+                final = torch.empty(B, H, D, D, device="cuda")
+                out = torch.empty_like(c)
+                torch.ops.hypenet_cuda.lightning_chunk_scan(a, b, c, log_decay, start, final, out, seg_len, num_segs,
+                                                            0.125, 1.0, 0.125, reverse, per_segment)
+                torch.cuda.synchronize()
+                if not (torch.isfinite(out).all() and torch.isfinite(final).all()):
+                    raise AssertionError(f"lightning_chunk_scan D={D} reverse={reverse} seg_len={seg_len}: "
+                                         f"non-finite output or final state")
+                runs += 1
+    return runs
+
+
 CASES: dict[str, Callable[[bool], int]] = {
     "lightning_attn_step": lightning_attn_step_cases,
+    "lightning_chunk_scan": lightning_chunk_scan_cases,
 }
 
 
