@@ -12,6 +12,8 @@
 // column land in 8 different bank groups). Tiles arrive by cp.async, two chunks in flight, rows
 // past the sequence's end zero-filled. The causal structure skips work: output rows 16r.. only
 // need scores against tokens up to 16r + 15 (from 16r on, backwards).
+// On Hopper this takes ~1.4x the time of the Triton kernel, which issues wgmma (benches/NOTES.md says
+// where the time goes); lightning_attn therefore runs it only when asked for (backend="cuda").
 #pragma once
 
 #include <cuda_bf16.h>
