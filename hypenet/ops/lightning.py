@@ -79,11 +79,11 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         "reference": None,
         "triton": triton_reason,
         # The CUDA backend runs the output stage (the scan itself) in hypenet._C and the segment stages in Triton.
-        "cuda": cuda_kernel_reason("lightning_chunk_scan", device, q, k, v, cu_seqlens) or (
+        "cuda": cuda_kernel_reason("lightning_chunk_scan", device, q, k, v, cu_seqlens, initial_state) or (
             f"its segment stages are Triton kernels: {triton_reason}" if triton_reason else None),
     }
-    # Auto prefers Triton: the CUDA output stage (mma.sync) is ~1.5x slower than the Triton one (wgmma) on Hopper
-    # (BENCHMARKS.md); backend="cuda" runs it.
+    # Auto prefers Triton: the CUDA output stage (mma.sync) takes 1.3-1.5x the time of the Triton one (wgmma) on
+    # Hopper (BENCHMARKS.md); backend="cuda" runs it.
     chosen = select_backend("lightning_attn", backend, device, reasons, gpu_order=("triton", "cuda"))
     if chosen == "reference":
         return lightning_attn_ref(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)

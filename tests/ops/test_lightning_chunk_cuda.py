@@ -40,18 +40,22 @@ requires_cuda_scan = pytest.mark.skipif(CUDA_SCAN_SKIP is not None, reason=CUDA_
 
 
 def test_unsupported_inputs_have_reasons():
-    """The reasons that keep inputs off the CUDA scan name the dtype, the head dims or the packing."""
-    def reason(dtype=torch.bfloat16, K=64, V=64, packed=False):
+    """The reasons that keep inputs off the CUDA scan name the dtype, the head dims, the packing or the initial
+    state's dtype."""
+    def reason(dtype=torch.bfloat16, K=64, V=64, packed=False, state_dtype=None):
         q = torch.zeros(1, 8, 2, K, dtype=dtype)
         v = torch.zeros(1, 8, 2, V, dtype=dtype)
         cu_seqlens = torch.tensor([0, 3, 8]) if packed else None
-        return cuda_ext._lightning_chunk_scan_reason(q, q, v, cu_seqlens)
+        initial_state = torch.zeros(1, 2, K, V, dtype=state_dtype) if state_dtype is not None else None
+        return cuda_ext._lightning_chunk_scan_reason(q, q, v, cu_seqlens, initial_state)
 
     assert reason() is None
     assert "float16" in reason(dtype=torch.float16)
     assert "K=64, V=128" in reason(K=64, V=128)
     assert "K=32" in reason(K=32, V=32)
     assert "cu_seqlens" in reason(packed=True)
+    assert reason(state_dtype=torch.float32) is None
+    assert "initial_state" in reason(state_dtype=torch.float64)
 
 
 @pytest.mark.cuda
