@@ -126,7 +126,7 @@ __device__ __forceinline__ float decay_pow(float log2_decay, int n) {
 
 template <int kHeadDim, bool kReverse>
 __global__ void __launch_bounds__(kThreads, 2)
-    lightning_chunk_scan_kernel(const __grid_constant__ LightningScanParams p) {
+    lightning_attn_fwd_kernel_output(const __grid_constant__ LightningScanParams p) {
   using Cfg = Config<kHeadDim>;
   constexpr int kD = kHeadDim;
   const int64_t block = blockIdx.x;
@@ -404,7 +404,7 @@ template <int kHeadDim, bool kReverse>
 void run_lightning_chunk_scan(const LightningScanParams& params, cudaStream_t stream) {
   if (params.num_programs == 0) return;
   constexpr int kSmemBytes = lightning_scan::Config<kHeadDim>::kSmemBytes;
-  auto kernel = lightning_scan::lightning_chunk_scan_kernel<kHeadDim, kReverse>;
+  auto kernel = lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse>;
   // More than 48 KB of dynamic shared memory needs an explicit opt-in per kernel.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   kernel<<<static_cast<unsigned>(params.num_programs), lightning_scan::kThreads, kSmemBytes, stream>>>(params);
