@@ -13,8 +13,6 @@ Properties, on Hypothesis-drawn equal-length batches (bf16, K == V in {64, 128})
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from hypothesis import given
@@ -22,8 +20,8 @@ from hypothesis import given
 import hypenet.ops
 from hypenet.ops import cuda_ext
 from tests.conftest import HAS_CUDA
-from tests.ops.test_lightning_chunk_triton import (Case, _assert_matches, _check_case, _kernels, _make_inputs,
-                                                   _reference, dense_cases)
+from tests.ops.test_lightning_chunk_triton import (Case, _check_case, _kernels, _make_inputs, _reference,
+                                                   check_public_op, dense_cases)
 from tests.tolerance import relative_error
 
 
@@ -37,6 +35,13 @@ def cuda_scan_reason() -> str | None:
 
 CUDA_SCAN_SKIP = cuda_scan_reason()
 requires_cuda_scan = pytest.mark.skipif(CUDA_SCAN_SKIP is not None, reason=CUDA_SCAN_SKIP or "")
+
+
+def bf16_case(**fields) -> Case:
+    """A bf16 equal-length case, small by default; `fields` override."""
+    defaults = dict(B=1, T=100, H=2, K=64, V=64, dtype=torch.bfloat16, lengths=None, with_initial=False,
+                    with_dfinal=False, strength=1.0, scale=0.125, segment_len=None, seed=0)
+    return Case(**{**defaults, **fields})
 
 
 def test_unsupported_inputs_have_reasons():
@@ -75,8 +80,8 @@ def test_gpu_dense_batch_matches_reference(case: Case):
     (1000, 128, 1e-3),  # eight segments, the last one partial
 ])
 def test_gpu_edge_lengths_and_decays(T, segment_len, strength):
-    case = Case(B=2, T=T, H=3, K=128, V=128, dtype=torch.bfloat16, lengths=None, with_initial=True,
-                with_dfinal=True, strength=strength, scale=0.25, segment_len=segment_len, seed=T)
+    case = bf16_case(B=2, T=T, H=3, K=128, V=128, with_initial=True, with_dfinal=True, strength=strength,
+                     scale=0.25, segment_len=segment_len, seed=T)
     _check_case(case, "cuda", cuda_output_stage=True)
 
 
@@ -86,8 +91,8 @@ def test_gpu_edge_lengths_and_decays(T, segment_len, strength):
 def test_gpu_cuda_and_triton_round_alike(K):
     """Both output stages round the same operands to bf16; their results differ by fp32 summation order and the
     odd bf16 rounding flip, well below their distance to the fp64 truth."""
-    case = Case(B=2, T=777, H=4, K=K, V=K, dtype=torch.bfloat16, lengths=None, with_initial=True, with_dfinal=True,
-                strength=1.0, scale=K ** -0.5, segment_len=256, seed=5)
+    case = bf16_case(B=2, T=777, H=4, K=K, V=K, with_initial=True, with_dfinal=True, scale=K ** -0.5,
+                     segment_len=256, seed=5)
     x = _make_inputs(case, "cuda")
     cuda = _kernels(x, case.scale, case.segment_len, cuda_output_stage=True)
     triton = _kernels(x, case.scale, case.segment_len)
@@ -101,17 +106,7 @@ def test_gpu_cuda_and_triton_round_alike(K):
 @requires_cuda_scan
 def test_gpu_public_op_runs_the_cuda_scan():
     """hypenet.ops.lightning_attn(backend="cuda"): forward and autograd through the op's registration."""
-    case = Case(B=2, T=300, H=2, K=128, V=128, dtype=torch.bfloat16, lengths=None, with_initial=True,
-                with_dfinal=True, strength=1.0, scale=0.125, segment_len=None, seed=9)
-    x = _make_inputs(case, "cuda")
-    leaves = {n: x[n].detach().requires_grad_() for n in ("q", "k", "v", "initial_state")}
-    o, final = hypenet.ops.lightning_attn(leaves["q"], leaves["k"], leaves["v"], x["log_decay"], scale=case.scale,
-                                          initial_state=leaves["initial_state"], output_final_state=True,
-                                          backend="cuda")
-    grads = torch.autograd.grad([o, final], list(leaves.values()), [x["do"], x["dfinal"]])
-    got = {"o": o.detach(), "final_state": final.detach()}
-    got.update({f"d{n}": g for n, g in zip(leaves, grads)})
-    _assert_matches(got, _reference(x, case.scale, False), _reference(x, case.scale, True), case.dtype)
+    check_public_op(bf16_case(B=2, T=300, K=128, V=128, with_initial=True, with_dfinal=True, seed=9), "cuda", "cuda")
 
 
 @pytest.mark.cuda
@@ -119,8 +114,7 @@ def test_gpu_public_op_runs_the_cuda_scan():
 def test_gpu_views_off_the_vector_alignment_give_the_aligned_result():
     """The kernel copies 16-byte vectors: q, k, v that start 2 bytes into their storage (contiguous views) are
     copied to aligned memory first, and the results equal those of the aligned tensors bit for bit."""
-    case = Case(B=1, T=130, H=2, K=64, V=64, dtype=torch.bfloat16, lengths=None, with_initial=False,
-                with_dfinal=False, strength=1.0, scale=0.125, segment_len=None, seed=4)
+    case = bf16_case(T=130, seed=4)
     x = _make_inputs(case, "cuda")
     shifted = {}
     for name in ("q", "k", "v", "do"):
@@ -136,12 +130,10 @@ def test_gpu_views_off_the_vector_alignment_give_the_aligned_result():
 @pytest.mark.cuda
 @requires_cuda_scan
 def test_gpu_public_op_refuses_what_the_cuda_scan_does_not_take():
-    case = Case(B=1, T=100, H=2, K=64, V=64, dtype=torch.float16, lengths=None, with_initial=False,
-                with_dfinal=False, strength=1.0, scale=0.125, segment_len=None, seed=1)
-    x = _make_inputs(case, "cuda")
+    x = _make_inputs(bf16_case(dtype=torch.float16, seed=1), "cuda")
     with pytest.raises(ValueError, match="backend 'cuda'.*float16"):
         hypenet.ops.lightning_attn(x["q"], x["k"], x["v"], x["log_decay"], backend="cuda")
-    packed = _make_inputs(replace(case, dtype=torch.bfloat16, lengths=[40, 60]), "cuda")
+    packed = _make_inputs(bf16_case(lengths=[40, 60], seed=1), "cuda")
     with pytest.raises(ValueError, match="backend 'cuda'.*cu_seqlens"):
         hypenet.ops.lightning_attn(packed["q"], packed["k"], packed["v"], packed["log_decay"],
                                    cu_seqlens=packed["cu_seqlens"], backend="cuda")

@@ -331,20 +331,25 @@ def test_final_state_only_when_asked():
     assert final is None and o.shape == x["v"].shape
 
 
-def test_public_op_runs_the_triton_kernels():
-    """hypenet.ops.lightning_attn(backend="triton"): forward and autograd through the op's registration."""
-    device = triton_device()
-    case = Case(B=1, T=90, H=2, K=16, V=16, dtype=torch.float32, lengths=[20, 70], with_initial=True,
-                with_dfinal=True, strength=1.0, scale=0.25, segment_len=None, seed=11)
+def check_public_op(case: Case, device: str, backend: str) -> None:
+    """hypenet.ops.lightning_attn(backend=...) with an initial state and a final state: forward and autograd through
+    the op's registration, against the reference (case.with_initial and case.with_dfinal must be set)."""
     x = _make_inputs(case, device)
     leaves = {n: x[n].detach().requires_grad_() for n in ("q", "k", "v", "initial_state")}
     o, final = hypenet.ops.lightning_attn(leaves["q"], leaves["k"], leaves["v"], x["log_decay"], scale=case.scale,
                                           initial_state=leaves["initial_state"], output_final_state=True,
-                                          cu_seqlens=x["cu_seqlens"], backend="triton")
+                                          cu_seqlens=x["cu_seqlens"], backend=backend)
     grads = torch.autograd.grad([o, final], list(leaves.values()), [x["do"], x["dfinal"]])
     got = {"o": o.detach(), "final_state": final.detach()}
     got.update({f"d{n}": g for n, g in zip(leaves, grads)})
     _assert_matches(got, _reference(x, case.scale, False), _reference(x, case.scale, True), case.dtype)
+
+
+def test_public_op_runs_the_triton_kernels():
+    """hypenet.ops.lightning_attn(backend="triton"): forward and autograd through the op's registration."""
+    case = Case(B=1, T=90, H=2, K=16, V=16, dtype=torch.float32, lengths=[20, 70], with_initial=True,
+                with_dfinal=True, strength=1.0, scale=0.25, segment_len=None, seed=11)
+    check_public_op(case, triton_device(), "triton")
 
 
 def test_unsupported_inputs_are_named():
