@@ -221,7 +221,6 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
   params.seg_len = static_cast<int>(seg_len);
   params.num_segs = static_cast<int>(num_segs);
   params.num_programs = num_programs;
-  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   params.scale = static_cast<float>(scale);
   params.state_in_scale = static_cast<float>(state_in_scale);
   params.state_out_scale = static_cast<float>(state_out_scale);

@@ -56,7 +56,6 @@ struct LightningScanParams {
   int seg_len;   // tokens per segment, a multiple of the chunk
   int num_segs;  // segments per sequence
   int64_t num_programs;  // N * num_segs * H * (DC / 64)
-  int sm_count;          // multiprocessors: blocks i and i + sm_count most often share one
 
   float scale;            // of the intra-chunk scores
   float state_in_scale;   // of b^T c as it enters the state

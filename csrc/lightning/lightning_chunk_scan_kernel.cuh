@@ -1,19 +1,18 @@
 // Kernel of the chunked scan's output stage; see lightning_chunk_scan.h for the math.
 //
-// One block of 4 warps per (segment, head, 64 state columns) walks its segment in chunks of 64
-// tokens, keeping its [D, 64] slice of the fp32 state in registers (warp w owns rows
-// w * D / 4 ...). Per chunk, with the a, b, c tiles in shared memory:
+// One block of one warpgroup (4 warps) per (segment, head, 64 state columns) walks its segment in
+// chunks of 64 tokens, keeping its [D, 64] slice of the fp32 state in registers as wgmma
+// accumulators. Per chunk, with the a, b, c tiles in shared memory:
 //   scores = a b^T (fp32), times the decayed causal mask, rounded to bf16;
-//   acc    = diag(state weights) (a S_bf16) + scores c            (each warp: 16 output rows);
+//   acc    = diag(state weights) (a S_bf16) + scores c;
 //   S      = gamma^L S + b^T (diag(decays) c)_bf16.
 // The operands are rounded exactly where the Triton kernel rounds them, so both backends agree to
-// within fp32 summation order. Tensor-core work is mma.sync m16n8k16 (bf16 in, fp32 accumulate) on
-// fragments that ldmatrix reads from XOR-swizzled tiles (conflict-free: 8 rows of one 16-byte
-// column land in 8 different bank groups). Tiles arrive by cp.async, two chunks in flight, rows
-// past the sequence's end zero-filled. The causal structure skips work: output rows 16r.. only
-// need scores against tokens up to 16r + 15 (from 16r on, backwards).
-// On Hopper this takes ~1.4x the time of the Triton kernel, which issues wgmma (benches/NOTES.md says
-// where the time goes); lightning_attn therefore runs it only when asked for (backend="cuda").
+// within fp32 summation order. Tensor-core work is Hopper's asynchronous warpgroup MMA (wgmma
+// m64n64k16, bf16 in, fp32 accumulate): 28 instructions per chunk at D = 128, operands read from
+// shared tiles in the 128-byte-swizzled layout wgmma expects, except the masked scores, which stay in
+// registers. While the scores and a S run, the CUDA cores write the decayed c tile that the state
+// update reads. Tiles arrive by cp.async, two chunks in flight, rows past the sequence's end
+// zero-filled.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,32 +26,38 @@
 namespace hypenet {
 namespace lightning_scan {
 
-constexpr int kChunk = 64;     // tokens per chunk
-constexpr int kBlockV = 64;    // state columns per block
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 64;     // tokens per chunk: the M of one wgmma
+constexpr int kBlockV = 64;    // state columns per block: the N of every wgmma here
+constexpr int kThreads = 128;  // one warpgroup
 static_assert(kThreads == 2 * kChunk, "one thread per entry of the mask table");
+constexpr int kSwizzleRowBytes = 128;              // a row of a 64-column bf16 block
+constexpr int kBlockBytes = kChunk * kSwizzleRowBytes;  // one [64, 64] bf16 block: 8 KB
+constexpr int kKStepBytesMN = 16 * kSwizzleRowBytes;    // 16 rows of an operand whose K runs down the rows
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int kHeadDim>
 struct Config {
-  static constexpr int kTileAB = kChunk * kHeadDim;  // bf16 elements of an a or b tile
-  static constexpr int kTileC = kChunk * kBlockV;
-  static constexpr int kStage = 2 * kTileAB + kTileC;
-  static constexpr int kTileState = kHeadDim * kBlockV;
-  static constexpr int kSmemBytes = (2 * kStage + kTileState) * 2;
-  static constexpr int kStateRows = kHeadDim / kWarps;  // state rows per warp
-  static constexpr int kStateMTiles = kStateRows / 16;
+  static constexpr int kBlocksD = kHeadDim / 64;   // 64-column blocks of an a or b tile
+  static constexpr int kStateMTiles = kHeadDim / 64;  // 64-row wgmma tiles of the state
   static constexpr int kFeatureSteps = kHeadDim / 16;  // k-steps over a/b features
   static constexpr int kSplitsV = kHeadDim / kBlockV;
+  // Shared memory, in bytes from a 1024-aligned base (the swizzle repeats every 1024 bytes): two
+  // stages of (a, b, c), the decayed c, the bf16 state [D, 64], then the decay tables.
+  static constexpr int kTileAB = kBlocksD * kBlockBytes;
+  static constexpr int kStage = 2 * kTileAB + kBlockBytes;
+  static constexpr int kDecayedC = 2 * kStage;
+  static constexpr int kStateTile = kDecayedC + kBlockBytes;
+  static constexpr int kTables = kStateTile + kHeadDim * kSwizzleRowBytes;
+  static constexpr int kSmemBytes = kTables + (kChunk + 1 + 2 * kChunk) * 4 + 1024;  // + alignment slack
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
 };
 
-// Offset (elements) of (row, col) in a bf16 tile of kRow-element rows whose 16-byte column groups
-// are XOR-swizzled by row % 8.
-template <int kRow>
-__device__ __forceinline__ int swizzled(int row, int col) {
-  return row * kRow + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+// Offset (elements) of (row, col) in a bf16 tile of kRows rows stored as blocks of 64 columns, each a
+// run of 128-byte rows whose 16-byte groups are XOR-swizzled by row % 8: wgmma's 128-byte swizzle
+// (the blocks start 1024-byte aligned).
+template <int kRows>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  return (col >> 6) * (kRows * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
@@ -72,20 +77,8 @@ __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-__device__ __forceinline__ void load_matrix_x4(uint32_t address, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void load_matrix_x4_transposed(uint32_t address, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// Copies the [kChunk, kCols] tile whose rows start token_stride elements apart at src into a swizzled
-// shared tile; rows from `rows` on are zero-filled.
+// Copies the [kChunk, kCols] tile whose rows start token_stride elements apart at src into a shared
+// tile laid out by tile_offset; rows from `rows` on are zero-filled.
 template <int kCols>
 __device__ __forceinline__ void copy_tile_async(__nv_bfloat16* tile, const __nv_bfloat16* src, int64_t token_stride,
                                                 int rows, int tid) {
@@ -96,27 +89,78 @@ __device__ __forceinline__ void copy_tile_async(__nv_bfloat16* tile, const __nv_
     const int row = idx / kGroups;
     const int col = (idx % kGroups) * 8;
     const bool valid = row < rows;
-    copy_async16(shared_address(tile + swizzled<kCols>(row, col)), src + (valid ? row : 0) * token_stride + col, valid);
+    copy_async16(shared_address(tile + tile_offset<kChunk>(row, col)), src + (valid ? row : 0) * token_stride + col,
+                 valid);
   }
 }
 
-// d += a b for one m16n8k16 tile (bf16 operands, fp32 accumulators).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// Shared-memory writes of this thread (st.shared, cp.async) become visible to wgmma's reads.
+__device__ __forceinline__ void fence_shared_for_wgmma() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Two floats rounded to bf16 in one register (lo in the low half, as the mma fragments expect).
+// wgmma descriptor of a 128-byte-swizzled operand at ptr: 8-row groups 1024 bytes apart (the
+// leading-dimension offset is unused by this layout).
+__device__ __forceinline__ uint64_t operand_descriptor(const void* ptr) {
+  const uint64_t address = shared_address(ptr);
+  return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (uint64_t{1024 >> 4} << 32) | (1ull << 62);
+}
+
+// The descriptor moved by `bytes` (a multiple of 16).
+__device__ __forceinline__ uint64_t advanced(uint64_t descriptor, int bytes) { return descriptor + (bytes >> 4); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving accesses of accumulator registers across the asynchronous MMAs.
+template <int kN>
+__device__ __forceinline__ void fence_registers(float (&d)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define HYPENET_WGMMA_ACCUMULATORS \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// d (+)= A B, m64n64k16, A and B from shared memory. kTransposeA / kTransposeB: 0 when the operand's
+// K runs along its 128-byte rows, 1 when K runs down the rows.
+template <int kTransposeA, int kTransposeB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+      : HYPENET_WGMMA_ACCUMULATORS
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)), "n"(kTransposeA), "n"(kTransposeB));
+}
+
+// d += A B, m64n64k16, A (bf16 pairs in the accumulator layout of a 64-row tile) from registers.
+template <int kTransposeB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+      : HYPENET_WGMMA_ACCUMULATORS
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransposeB));
+}
+
+#undef HYPENET_WGMMA_ACCUMULATORS
+
+// Two floats rounded to bf16 in one register (lo in the low half, as the MMA operands expect).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t scale_bf16_pair(uint32_t pair, float lo, float hi) {
+__device__ __forceinline__ uint32_t scale_bf16_pair(uint32_t pair, float scale) {
   const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
-  return pack_bf16(v.x * lo, v.y * hi);
+  return pack_bf16(v.x * scale, v.y * scale);
 }
 
 // gamma^n for integer n >= 0, exactly 1 at n == 0.
@@ -149,9 +193,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t first_token = sequence * p.seqlen;
   const int col0 = split * kBlockV;
 
-  extern __shared__ __align__(128) unsigned char smem_bytes[];
-  __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_bytes);
-  __nv_bfloat16* state_tile = smem + 2 * Cfg::kStage;  // the bf16 state of the a S term
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - shared_address(smem_raw) % 1024) % 1024);
+  auto stage_tile = [&](int stage, int which) {  // which: 0 = a, 1 = b, 2 = c
+    return reinterpret_cast<__nv_bfloat16*>(smem + stage * Cfg::kStage + which * Cfg::kTileAB);
+  };
+  __nv_bfloat16* decayed_c = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kDecayedC);
+  __nv_bfloat16* state_tile = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kStateTile);  // bf16 S for a S
+  float* powers = reinterpret_cast<float*>(smem + Cfg::kTables);
+  float* mask_by_distance = powers + kChunk + 1;
 
   const int seg_start = seg_index * p.seg_len;
   const int seg_tokens = min(p.seg_len, p.seqlen - seg_start);
@@ -162,54 +212,39 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int t0 = chunk_start(i);
     const int rows = min(kChunk, p.seqlen - t0);
     const int64_t first = (first_token + t0) * token_stride + head * kD;
-    __nv_bfloat16* tile_a = smem + stage * Cfg::kStage;
-    copy_tile_async<kD>(tile_a, a + first, token_stride, rows, tid);
-    copy_tile_async<kD>(tile_a + Cfg::kTileAB, b + first, token_stride, rows, tid);
-    copy_tile_async<kBlockV>(tile_a + 2 * Cfg::kTileAB, c + first + col0, token_stride, rows, tid);
+    copy_tile_async<kD>(stage_tile(stage, 0), a + first, token_stride, rows, tid);
+    copy_tile_async<kD>(stage_tile(stage, 1), b + first, token_stride, rows, tid);
+    copy_tile_async<kBlockV>(stage_tile(stage, 2), c + first + col0, token_stride, rows, tid);
   };
 
   if (n_chunks > 0) load_chunk(0, 0);
   copy_async_commit();
 
-  // The output rows of warp w are 16 * row_block ..: under the causal mask block r needs scores
-  // against r + 1 of the 4 token blocks, so the warps' work differs. Warp w of every resident block runs
-  // on the same scheduler (w % 4); the two blocks an SM holds are most often blockIdx i and
-  // i + #SMs, so alternate runs of #SMs blocks take the row blocks in opposite orders and a scheduler gets a heavy
-  // and a light warp.
-  const int row_block = (blockIdx.x / p.sm_count) % 2 ? kWarps - 1 - warp : warp;
-
-  // Fragment coordinates of a lane. Scores and outputs: rows 16 * row_block + lane / 4 (+ 8), columns
-  // 8 * n + 2 * (lane % 4) (+ 1) of n-tile n. State: rows warp * kStateRows + 16 * m + lane / 4 (+ 8),
-  // the same columns.
-  auto out_row = [&](int ln, int e) { return 16 * row_block + ln / 4 + (e >= 2 ? 8 : 0); };
-  auto state_row = [&](int ln, int m, int e) { return warp * Cfg::kStateRows + 16 * m + ln / 4 + (e >= 2 ? 8 : 0); };
-  auto frag_col = [&](int ln, int n, int e) { return 8 * n + 2 * (ln % 4) + (e & 1); };
+  // Accumulator layout of a 64-row wgmma tile: element 4n + e of a thread is row 16 * warp + lane / 4
+  // (+ 8 for e >= 2), column 8n + 2 * (lane % 4) (+ 1 for odd e).
+  auto acc_row = [&](int e) { return 16 * warp + lane / 4 + (e >= 2 ? 8 : 0); };
+  auto acc_col = [&](int n, int e) { return 8 * n + 2 * (lane % 4) + (e & 1); };
 
   // Every decay factor a chunk needs is gamma^n for n in [0, 64]: tables built once per block replace
   // the exponentials (and their branches) in the loop. The decayed causal mask scale * gamma^(t - s)
   // depends on t - s only: entry t - s + 64, zero for the masked side.
-  __shared__ float powers[kChunk + 1];
-  __shared__ float mask_by_distance[2 * kChunk];
   if (tid <= kChunk) powers[tid] = decay_pow(log2_decay, tid);
   const int dist = tid - kChunk;
   mask_by_distance[tid] = dist >= 0 ? p.scale * decay_pow(log2_decay, dist) : 0.f;
-  auto masked = [&](float score, int ln, int n, int e) {
-    const int d = kReverse ? frag_col(ln, n, e) - out_row(ln, e) : out_row(ln, e) - frag_col(ln, n, e);
+  auto masked = [&](float score, int n, int e) {
+    const int d = kReverse ? acc_col(n, e) - acc_row(e) : acc_row(e) - acc_col(n, e);
     return score * mask_by_distance[d + kChunk];
   };
 
-  // Calls f(element, offset) for every state element this lane holds, offset = its place in a
-  // [D, D] state of strides (stride_a, stride_c) from column col0 on.
-  float state[Cfg::kStateMTiles][8][4];
+  // Calls f(element, offset) for every state element this thread holds (M-tile m covers state rows
+  // 64m ..), offset = its place in a [D, D] state of strides (stride_a, stride_c) from column col0 on.
+  float state[Cfg::kStateMTiles][32];
   auto for_each_state_element = [&](int64_t stride_a, int64_t stride_c, auto&& f) {
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) {
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          f(state[m][n][e], state_row(lane, m, e) * stride_a + (col0 + frag_col(lane, n, e)) * stride_c);
-        }
+      for (int i = 0; i < 32; ++i) {
+        f(state[m][i], (64 * m + acc_row(i % 4)) * stride_a + (col0 + acc_col(i / 4, i % 4)) * stride_c);
       }
     }
   };
@@ -221,169 +256,135 @@ __global__ void __launch_bounds__(kThreads, 2)
     for_each_state_element(0, 0, [](float& x, int64_t) { x = 0.f; });
   }
 
+  const uint64_t state_desc = operand_descriptor(state_tile);
+  const uint64_t decayed_c_desc = operand_descriptor(decayed_c);
+
   for (int i = 0; i < n_chunks; ++i) {
     const int stage = i & 1;
-    // The ln's fragment addresses are recomputed in every chunk (a few integer ops): hoisted out of
-    // the loop they would hold dozens of registers that the state needs.
-    int ln = lane;
-    asm volatile("" : "+r"(ln));
-    // Every warp is past the previous chunk: its stage buffers and the bf16 state are free.
+    // Every warp is past the previous chunk: its MMAs are complete, so its stage buffers, the decayed
+    // c and the bf16 state are free.
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) {
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        const int col = frag_col(ln, n, 0);
-        *reinterpret_cast<uint32_t*>(state_tile + swizzled<kBlockV>(state_row(ln, m, 0), col)) =
-            pack_bf16(state[m][n][0], state[m][n][1]);
-        *reinterpret_cast<uint32_t*>(state_tile + swizzled<kBlockV>(state_row(ln, m, 2), col)) =
-            pack_bf16(state[m][n][2], state[m][n][3]);
+        const int col = acc_col(n, 0);
+        *reinterpret_cast<uint32_t*>(state_tile + tile_offset<kD>(64 * m + acc_row(0), col)) =
+            pack_bf16(state[m][4 * n], state[m][4 * n + 1]);
+        *reinterpret_cast<uint32_t*>(state_tile + tile_offset<kD>(64 * m + acc_row(2), col)) =
+            pack_bf16(state[m][4 * n + 2], state[m][4 * n + 3]);
       }
     }
     if (i + 1 < n_chunks) load_chunk(i + 1, stage ^ 1);
     copy_async_commit();
     copy_async_wait<1>();
+    fence_shared_for_wgmma();
     __syncthreads();
 
     const int t0 = chunk_start(i);
     const int rows = min(kChunk, p.seqlen - t0);
-    const __nv_bfloat16* tile_a = smem + stage * Cfg::kStage;
-    const __nv_bfloat16* tile_b = tile_a + Cfg::kTileAB;
-    const __nv_bfloat16* tile_c = tile_b + Cfg::kTileAB;
+    const __nv_bfloat16* tile_a = stage_tile(stage, 0);
+    const __nv_bfloat16* tile_b = stage_tile(stage, 1);
+    const __nv_bfloat16* tile_c = stage_tile(stage, 2);
+    const uint64_t a_desc = operand_descriptor(tile_a);
+    const uint64_t b_desc = operand_descriptor(tile_b);
+    const uint64_t c_desc = operand_descriptor(tile_c);
 
-    // scores = a b^T and acc = a S (the state at the chunk's start, bf16), sharing the a fragments: two
-    // independent accumulator chains, each step's fragment loads issued before its mma's.
-    float scores[8][4];
-    float acc[8][4];
+    // scores = a b^T and acc = a S (the state at the chunk's start, bf16): two groups in flight. The
+    // k-steps of a and b walk along their 128-byte rows (32 bytes each) and then to the next column block.
+    float scores[32];
+    float acc[32];
+    wgmma_fence();
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        scores[n][e] = 0.f;
-        acc[n][e] = 0.f;
-      }
-    }
-#pragma unroll 1
     for (int ks = 0; ks < Cfg::kFeatureSteps; ++ks) {
-      uint32_t a_frag[4];
-      uint32_t b_frag[4][4];
-      uint32_t s_frag[4][4];
-      load_matrix_x4(shared_address(tile_a + swizzled<kD>(16 * row_block + (ln & 7) + ((ln >> 3) & 1) * 8,
-                                                          16 * ks + (ln >> 4) * 8)),
-                     a_frag);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (kReverse ? j >= row_block : j <= row_block) {
-          load_matrix_x4(shared_address(tile_b + swizzled<kD>(16 * j + (ln & 7) + (ln >> 4) * 8,
-                                                              16 * ks + ((ln >> 3) & 1) * 8)),
-                         b_frag[j]);
-        }
-        load_matrix_x4_transposed(
-            shared_address(state_tile + swizzled<kBlockV>(16 * ks + (ln & 7) + ((ln >> 3) & 1) * 8,
-                                                          16 * j + (ln >> 4) * 8)),
-            s_frag[j]);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (kReverse ? j >= row_block : j <= row_block) {
-          mma_bf16(scores[2 * j], a_frag, b_frag[j][0], b_frag[j][1]);
-          mma_bf16(scores[2 * j + 1], a_frag, b_frag[j][2], b_frag[j][3]);
-        }
-        mma_bf16(acc[2 * j], a_frag, s_frag[j][0], s_frag[j][1]);
-        mma_bf16(acc[2 * j + 1], a_frag, s_frag[j][2], s_frag[j][3]);
-      }
+      const int offset = (ks / 4) * kBlockBytes + (ks % 4) * 32;
+      wgmma_ss<0, 0>(scores, advanced(a_desc, offset), advanced(b_desc, offset), ks > 0);
     }
-    // Masked scores as the bf16 A operand of scores c: n-tiles 2k and 2k + 1 form token step k.
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kFeatureSteps; ++ks) {
+      wgmma_ss<0, 1>(acc, advanced(a_desc, (ks / 4) * kBlockBytes + (ks % 4) * 32),
+                     advanced(state_desc, ks * kKStepBytesMN), ks > 0);
+    }
+    wgmma_commit();
+
+    // Meanwhile: the decayed c of the state update, state_in_scale * gamma^(steps) c_s rounded to bf16
+    // (16-byte groups; the swizzled offset is the same in both tiles).
+#pragma unroll
+    for (int r = 0; r < kChunk * 8 / kThreads; ++r) {
+      const int idx = tid + r * kThreads;
+      const int token = idx / 8;
+      const int offset = tile_offset<kChunk>(token, (idx % 8) * 8);
+      const int steps = kReverse ? token + 1 : rows - 1 - token;
+      const float weight = token < rows ? p.state_in_scale * powers[max(steps, 0)] : 0.f;
+      uint4 v = *reinterpret_cast<const uint4*>(tile_c + offset);
+      v.x = scale_bf16_pair(v.x, weight);
+      v.y = scale_bf16_pair(v.y, weight);
+      v.z = scale_bf16_pair(v.z, weight);
+      v.w = scale_bf16_pair(v.w, weight);
+      *reinterpret_cast<uint4*>(decayed_c + offset) = v;
+    }
+    fence_shared_for_wgmma();
+
+    // Masked scores as the bf16 A operand of scores c: columns 16k .. 16k + 15 form token step k.
+    wgmma_wait<1>();
+    fence_registers(scores);
     uint32_t p_frag[4][4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int n = 2 * k + half;
-        p_frag[k][2 * half] = pack_bf16(masked(scores[n][0], ln, n, 0), masked(scores[n][1], ln, n, 1));
-        p_frag[k][2 * half + 1] = pack_bf16(masked(scores[n][2], ln, n, 2), masked(scores[n][3], ln, n, 3));
+        p_frag[k][2 * half] = pack_bf16(masked(scores[4 * n], n, 0), masked(scores[4 * n + 1], n, 1));
+        p_frag[k][2 * half + 1] = pack_bf16(masked(scores[4 * n + 2], n, 2), masked(scores[4 * n + 3], n, 3));
       }
     }
-    float state_weight[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = out_row(ln, 2 * half);
-      const int steps = kReverse ? rows - 1 - row : row + 1;
-      state_weight[half] = row < rows ? p.state_out_scale * powers[max(steps, 0)] : 0.f;
-    }
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      acc[n][0] *= state_weight[0];
-      acc[n][1] *= state_weight[0];
-      acc[n][2] *= state_weight[1];
-      acc[n][3] *= state_weight[1];
-    }
-
+    wgmma_wait<0>();
+    fence_registers(acc);
+    // The state's own decay, once no MMA is in flight (ptxas would otherwise wait for all of them here).
     const float chunk_decay = powers[rows];
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) {
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) state[m][n][e] *= chunk_decay;
-      }
+      for (int j = 0; j < 32; ++j) state[m][j] *= chunk_decay;
     }
+    float state_weight[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = acc_row(2 * half);
+      const int steps = kReverse ? rows - 1 - row : row + 1;
+      state_weight[half] = row < rows ? p.state_out_scale * powers[max(steps, 0)] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j) acc[j] *= state_weight[(j % 4) / 2];
 
-    // acc += scores c and S += b^T (decays c), sharing the c fragments (token step k).
+    // acc += scores c and S += b^T (decayed c): the decayed c of every thread must be in place.
+    __syncthreads();
+    wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      float token_weight[4];  // tokens 16k + 2 * (lane % 4) + {0, 1, 8, 9}
+    for (int k = 0; k < 4; ++k) wgmma_rs<1>(acc, p_frag[k], advanced(c_desc, k * kKStepBytesMN));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int token = 16 * k + 2 * (ln % 4) + (e & 1) + (e >> 1) * 8;
-        const int steps = kReverse ? token + 1 : rows - 1 - token;
-        token_weight[e] = token < rows ? p.state_in_scale * powers[max(steps, 0)] : 0.f;
-      }
-      uint32_t bt_frag[Cfg::kStateMTiles][4];
+    for (int m = 0; m < Cfg::kStateMTiles; ++m) {
 #pragma unroll
-      for (int m = 0; m < Cfg::kStateMTiles; ++m) {
-        load_matrix_x4_transposed(
-            shared_address(tile_b + swizzled<kD>(16 * k + (ln & 7) + (ln >> 4) * 8,
-                                                 warp * Cfg::kStateRows + 16 * m + ((ln >> 3) & 1) * 8)),
-            bt_frag[m]);
-      }
-      uint32_t c_frag[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        load_matrix_x4_transposed(
-            shared_address(tile_c + swizzled<kBlockV>(16 * k + (ln & 7) + ((ln >> 3) & 1) * 8,
-                                                      16 * j + (ln >> 4) * 8)),
-            c_frag[j]);
-      }
-      if (kReverse ? k >= row_block : k <= row_block) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          mma_bf16(acc[2 * j], p_frag[k], c_frag[j][0], c_frag[j][1]);
-          mma_bf16(acc[2 * j + 1], p_frag[k], c_frag[j][2], c_frag[j][3]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t d0 = scale_bf16_pair(c_frag[j][0], token_weight[0], token_weight[1]);
-        const uint32_t d1 = scale_bf16_pair(c_frag[j][1], token_weight[2], token_weight[3]);
-        const uint32_t d2 = scale_bf16_pair(c_frag[j][2], token_weight[0], token_weight[1]);
-        const uint32_t d3 = scale_bf16_pair(c_frag[j][3], token_weight[2], token_weight[3]);
-#pragma unroll
-        for (int m = 0; m < Cfg::kStateMTiles; ++m) {
-          mma_bf16(state[m][2 * j], bt_frag[m], d0, d1);
-          mma_bf16(state[m][2 * j + 1], bt_frag[m], d2, d3);
-        }
+      for (int k = 0; k < 4; ++k) {
+        wgmma_ss<1, 1>(state[m], advanced(b_desc, m * kBlockBytes + k * kKStepBytesMN),
+                       advanced(decayed_c_desc, k * kKStepBytesMN), true);
       }
     }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(acc);
+#pragma unroll
+    for (int m = 0; m < Cfg::kStateMTiles; ++m) fence_registers(state[m]);
 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = out_row(ln, 2 * half);
+      const int row = acc_row(2 * half);
       if (row < rows) {
         __nv_bfloat16* dst = out + (first_token + t0 + row) * token_stride + head * kD + col0;
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
-          *reinterpret_cast<uint32_t*>(dst + frag_col(ln, n, 0)) = pack_bf16(acc[n][2 * half], acc[n][2 * half + 1]);
+          *reinterpret_cast<uint32_t*>(dst + acc_col(n, 0)) = pack_bf16(acc[4 * n + 2 * half], acc[4 * n + 2 * half + 1]);
         }
       }
     }
