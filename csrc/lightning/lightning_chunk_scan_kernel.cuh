@@ -258,12 +258,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const uint64_t state_desc = operand_descriptor(state_tile);
   const uint64_t decayed_c_desc = operand_descriptor(decayed_c);
+  auto chunk_rows = [&](int i) { return min(kChunk, p.seqlen - chunk_start(i)); };
 
-  for (int i = 0; i < n_chunks; ++i) {
-    const int stage = i & 1;
-    // Every warp is past the previous chunk: its MMAs are complete, so its stage buffers, the decayed
-    // c and the bf16 state are free.
-    __syncthreads();
+  // What chunk i's MMAs read besides its tiles, written once its c tile is in (every thread's copies)
+  // and the MMAs of chunk i - 1 that read the same buffers are complete: the bf16 state at the chunk's
+  // start for a S, then the state's own decay over the chunk, and the decayed c of the state update,
+  // state_in_scale * gamma^(steps) c_s rounded to bf16 (16-byte groups; the swizzled offset is the
+  // same in both tiles).
+  auto prepare_chunk = [&](int i) {
+    const int rows = chunk_rows(i);
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) {
 #pragma unroll
@@ -275,41 +278,13 @@ __global__ void __launch_bounds__(kThreads, 2)
             pack_bf16(state[m][4 * n + 2], state[m][4 * n + 3]);
       }
     }
-    if (i + 1 < n_chunks) load_chunk(i + 1, stage ^ 1);
-    copy_async_commit();
-    copy_async_wait<1>();
-    fence_shared_for_wgmma();
-    __syncthreads();
-
-    const int t0 = chunk_start(i);
-    const int rows = min(kChunk, p.seqlen - t0);
-    const __nv_bfloat16* tile_a = stage_tile(stage, 0);
-    const __nv_bfloat16* tile_b = stage_tile(stage, 1);
-    const __nv_bfloat16* tile_c = stage_tile(stage, 2);
-    const uint64_t a_desc = operand_descriptor(tile_a);
-    const uint64_t b_desc = operand_descriptor(tile_b);
-    const uint64_t c_desc = operand_descriptor(tile_c);
-
-    // scores = a b^T and acc = a S (the state at the chunk's start, bf16): two groups in flight. The
-    // k-steps of a and b walk along their 128-byte rows (32 bytes each) and then to the next column block.
-    float scores[32];
-    float acc[32];
-    wgmma_fence();
+    const float chunk_decay = powers[rows];
 #pragma unroll
-    for (int ks = 0; ks < Cfg::kFeatureSteps; ++ks) {
-      const int offset = (ks / 4) * kBlockBytes + (ks % 4) * 32;
-      wgmma_ss<0, 0>(scores, advanced(a_desc, offset), advanced(b_desc, offset), ks > 0);
-    }
-    wgmma_commit();
+    for (int m = 0; m < Cfg::kStateMTiles; ++m) {
 #pragma unroll
-    for (int ks = 0; ks < Cfg::kFeatureSteps; ++ks) {
-      wgmma_ss<0, 1>(acc, advanced(a_desc, (ks / 4) * kBlockBytes + (ks % 4) * 32),
-                     advanced(state_desc, ks * kKStepBytesMN), ks > 0);
+      for (int j = 0; j < 32; ++j) state[m][j] *= chunk_decay;
     }
-    wgmma_commit();
-
-    // Meanwhile: the decayed c of the state update, state_in_scale * gamma^(steps) c_s rounded to bf16
-    // (16-byte groups; the swizzled offset is the same in both tiles).
+    const __nv_bfloat16* tile_c = stage_tile(i & 1, 2);
 #pragma unroll
     for (int r = 0; r < kChunk * 8 / kThreads; ++r) {
       const int idx = tid + r * kThreads;
@@ -325,9 +300,59 @@ __global__ void __launch_bounds__(kThreads, 2)
       *reinterpret_cast<uint4*>(decayed_c + offset) = v;
     }
     fence_shared_for_wgmma();
+  };
+
+  // Chunk i + 1 is loaded while chunk i runs; chunk i + 2 goes into chunk i's stage once scores c, the
+  // last MMA that reads it, is complete.
+  if (n_chunks > 1) load_chunk(1, 1);
+  copy_async_commit();
+  if (n_chunks > 0) {
+    copy_async_wait<1>();
+    __syncthreads();
+    prepare_chunk(0);
+  }
+
+  for (int i = 0; i < n_chunks; ++i) {
+    const int stage = i & 1;
+    const int t0 = chunk_start(i);
+    const int rows = chunk_rows(i);
+    // Chunk i's tiles, bf16 state and decayed c are in place and visible to wgmma.
+    __syncthreads();
+    const uint64_t a_desc = operand_descriptor(stage_tile(stage, 0));
+    const uint64_t b_desc = operand_descriptor(stage_tile(stage, 1));
+    const uint64_t c_desc = operand_descriptor(stage_tile(stage, 2));
+
+    // Three groups in flight: scores = a b^T, acc = a S (the state at the chunk's start, bf16), and the
+    // state update S += b^T (decayed c) on the already decayed state. The k-steps of a and b walk along
+    // their 128-byte rows (32 bytes each), then to the next column block; those of b^T, c and the bf16
+    // state walk down 16 rows.
+    float scores[32];
+    float acc[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kFeatureSteps; ++ks) {
+      const int offset = (ks / 4) * kBlockBytes + (ks % 4) * 32;
+      wgmma_ss<0, 0>(scores, advanced(a_desc, offset), advanced(b_desc, offset), ks > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kFeatureSteps; ++ks) {
+      wgmma_ss<0, 1>(acc, advanced(a_desc, (ks / 4) * kBlockBytes + (ks % 4) * 32),
+                     advanced(state_desc, ks * kKStepBytesMN), ks > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int m = 0; m < Cfg::kStateMTiles; ++m) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        wgmma_ss<1, 1>(state[m], advanced(b_desc, m * kBlockBytes + k * kKStepBytesMN),
+                       advanced(decayed_c_desc, k * kKStepBytesMN), true);
+      }
+    }
+    wgmma_commit();
 
     // Masked scores as the bf16 A operand of scores c: columns 16k .. 16k + 15 form token step k.
-    wgmma_wait<1>();
+    wgmma_wait<2>();
     fence_registers(scores);
     uint32_t p_frag[4][4];
 #pragma unroll
@@ -339,15 +364,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         p_frag[k][2 * half + 1] = pack_bf16(masked(scores[4 * n + 2], n, 2), masked(scores[4 * n + 3], n, 3));
       }
     }
-    wgmma_wait<0>();
+    wgmma_wait<1>();
     fence_registers(acc);
-    // The state's own decay, once no MMA is in flight (ptxas would otherwise wait for all of them here).
-    const float chunk_decay = powers[rows];
-#pragma unroll
-    for (int m = 0; m < Cfg::kStateMTiles; ++m) {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) state[m][j] *= chunk_decay;
-    }
     float state_weight[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -358,24 +376,24 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int j = 0; j < 32; ++j) acc[j] *= state_weight[(j % 4) / 2];
 
-    // acc += scores c and S += b^T (decayed c): the decayed c of every thread must be in place.
-    __syncthreads();
+    // acc += scores c, while the next chunk is prepared.
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < 4; ++k) wgmma_rs<1>(acc, p_frag[k], advanced(c_desc, k * kKStepBytesMN));
-#pragma unroll
-    for (int m = 0; m < Cfg::kStateMTiles; ++m) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        wgmma_ss<1, 1>(state[m], advanced(b_desc, m * kBlockBytes + k * kKStepBytesMN),
-                       advanced(decayed_c_desc, k * kKStepBytesMN), true);
-      }
-    }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(acc);
+    wgmma_wait<1>();
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) fence_registers(state[m]);
+    if (i + 1 < n_chunks) {
+      copy_async_wait<0>();
+      // Every warp's state update and a S are complete and chunk i + 1's tiles are in.
+      __syncthreads();
+      prepare_chunk(i + 1);
+    }
+    wgmma_wait<0>();
+    fence_registers(acc);
+    if (i + 2 < n_chunks) load_chunk(i + 2, stage);
+    copy_async_commit();
 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
