@@ -191,7 +191,7 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
   };
   if (start_state.has_value()) check_state(*start_state, "start_state", start_per_segment ? batch * num_segs : batch);
   if (final_state.has_value()) check_state(*final_state, "final_state", batch);
-  const int64_t num_programs = batch * num_segs * heads * (head_dim / 64);
+  const int64_t num_programs = batch * num_segs * heads;
   TORCH_CHECK(seqlen <= INT_MAX && num_programs <= INT_MAX && heads <= INT_MAX,
               "hypenet_cuda.lightning_chunk_scan: sizes too large for one launch");
 

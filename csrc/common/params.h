@@ -55,7 +55,7 @@ struct LightningScanParams {
   int heads;     // H
   int seg_len;   // tokens per segment, a multiple of the chunk
   int num_segs;  // segments per sequence
-  int64_t num_programs;  // N * num_segs * H * (DC / 64)
+  int64_t num_programs;  // thread blocks: N * num_segs * H
 
   float scale;            // of the intra-chunk scores
   float state_in_scale;   // of b^T c as it enters the state

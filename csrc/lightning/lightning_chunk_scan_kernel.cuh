@@ -1,8 +1,9 @@
 // Kernel of the chunked scan's output stage; see lightning_chunk_scan.h for the math.
 //
-// One block of one warpgroup (4 warps) per (segment, head, 64 state columns) walks its segment in
-// chunks of 64 tokens, keeping its [D, 64] slice of the fp32 state in registers as wgmma
-// accumulators. Per chunk, with the a, b, c tiles in shared memory:
+// One block per (segment, head) walks its segment in chunks of 64 tokens with one warpgroup (4 warps)
+// per 64 state columns; a warpgroup keeps its [D, 64] slice of the fp32 state in registers as wgmma
+// accumulators. The warpgroups share the a, b, c tiles in shared memory (each chunk's a and b are
+// read from memory once per head). Per chunk and warpgroup:
 //   scores = a b^T (fp32), times the decayed causal mask, rounded to bf16;
 //   acc    = diag(state weights) (a S_bf16) + scores c;
 //   S      = gamma^L S + b^T (diag(decays) c)_bf16.
@@ -28,8 +29,8 @@ namespace lightning_scan {
 
 constexpr int kChunk = 64;     // tokens per chunk: the M of one wgmma
 constexpr int kBlockV = 64;    // state columns per block: the N of every wgmma here
-constexpr int kThreads = 128;  // one warpgroup
-static_assert(kThreads == 2 * kChunk, "one thread per entry of the mask table");
+constexpr int kWarpgroupThreads = 128;
+static_assert(kWarpgroupThreads == 2 * kChunk, "one thread of a warpgroup per entry of the mask table");
 constexpr int kSwizzleRowBytes = 128;              // a row of a 64-column bf16 block
 constexpr int kBlockBytes = kChunk * kSwizzleRowBytes;  // one [64, 64] bf16 block: 8 KB
 constexpr int kKStepBytesMN = 16 * kSwizzleRowBytes;    // 16 rows of an operand whose K runs down the rows
@@ -40,14 +41,19 @@ struct Config {
   static constexpr int kBlocksD = kHeadDim / 64;   // 64-column blocks of an a or b tile
   static constexpr int kStateMTiles = kHeadDim / 64;  // 64-row wgmma tiles of the state
   static constexpr int kFeatureSteps = kHeadDim / 16;  // k-steps over a/b features
-  static constexpr int kSplitsV = kHeadDim / kBlockV;
+  static constexpr int kWarpgroups = kHeadDim / kBlockV;
+  static constexpr int kThreads = kWarpgroups * kWarpgroupThreads;
   // Shared memory, in bytes from a 1024-aligned base (the swizzle repeats every 1024 bytes): two
-  // stages of (a, b, c), the decayed c, the bf16 state [D, 64], then the decay tables.
-  static constexpr int kTileAB = kBlocksD * kBlockBytes;
-  static constexpr int kStage = 2 * kTileAB + kBlockBytes;
+  // stages of (a, b, c) [64, D] tiles, the decayed c [64, D], one bf16 state [D, 64] per warpgroup,
+  // the output rows on their way to global memory ([16, 64] bf16 per warp), then the decay tables.
+  static constexpr int kTile = kBlocksD * kBlockBytes;
+  static constexpr int kStage = 3 * kTile;
   static constexpr int kDecayedC = 2 * kStage;
-  static constexpr int kStateTile = kDecayedC + kBlockBytes;
-  static constexpr int kTables = kStateTile + kHeadDim * kSwizzleRowBytes;
+  static constexpr int kStateTiles = kDecayedC + kTile;
+  static constexpr int kStateTileBytes = kHeadDim * kSwizzleRowBytes;
+  static constexpr int kOutRows = kStateTiles + kWarpgroups * kStateTileBytes;
+  static constexpr int kOutRowsBytes = 16 * kSwizzleRowBytes;  // per warp
+  static constexpr int kTables = kOutRows + kThreads / 32 * kOutRowsBytes;
   static constexpr int kSmemBytes = kTables + (kChunk + 1 + 2 * kChunk) * 4 + 1024;  // + alignment slack
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
 };
@@ -79,7 +85,7 @@ __device__ __forceinline__ void copy_async_wait() {
 
 // Copies the [kChunk, kCols] tile whose rows start token_stride elements apart at src into a shared
 // tile laid out by tile_offset; rows from `rows` on are zero-filled.
-template <int kCols>
+template <int kCols, int kThreads>
 __device__ __forceinline__ void copy_tile_async(__nv_bfloat16* tile, const __nv_bfloat16* src, int64_t token_stride,
                                                 int rows, int tid) {
   constexpr int kGroups = kCols / 8;  // 16-byte groups per row
@@ -168,21 +174,23 @@ __device__ __forceinline__ float decay_pow(float log2_decay, int n) {
   return n == 0 ? 1.f : exp2f(log2_decay * static_cast<float>(n));
 }
 
+// Two 4-warp blocks per SM at D = 64; one 8-warp block at D = 128 (the register file holds 8 warps).
 template <int kHeadDim, bool kReverse>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDim>::kWarpgroups)
     lightning_attn_fwd_kernel_output(const __grid_constant__ LightningScanParams p) {
   using Cfg = Config<kHeadDim>;
   constexpr int kD = kHeadDim;
   const int64_t block = blockIdx.x;
-  const int split = static_cast<int>(block % Cfg::kSplitsV);
-  const int head = static_cast<int>((block / Cfg::kSplitsV) % p.heads);
-  const int64_t segment = block / (Cfg::kSplitsV * p.heads);
+  const int head = static_cast<int>(block % p.heads);
+  const int64_t segment = block / p.heads;
   const int64_t sequence = segment / p.num_segs;
   const int seg_index = static_cast<int>(segment % p.num_segs);
 
   const int tid = threadIdx.x;
+  const int warpgroup = tid / kWarpgroupThreads;
+  const int wg_tid = tid % kWarpgroupThreads;
   const int lane = tid % 32;
-  const int warp = tid / 32;
+  const int warp = wg_tid / 32;  // within the warpgroup
   const float log2_decay = p.log_decay[head] * kLog2e;
 
   const __nv_bfloat16* a = static_cast<const __nv_bfloat16*>(p.a);
@@ -191,15 +199,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
   const int64_t token_stride = static_cast<int64_t>(p.heads) * kD;  // a, b, c, out rows
   const int64_t first_token = sequence * p.seqlen;
-  const int col0 = split * kBlockV;
+  const int col0 = warpgroup * kBlockV;  // this warpgroup's state columns
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - shared_address(smem_raw) % 1024) % 1024);
   auto stage_tile = [&](int stage, int which) {  // which: 0 = a, 1 = b, 2 = c
-    return reinterpret_cast<__nv_bfloat16*>(smem + stage * Cfg::kStage + which * Cfg::kTileAB);
+    return reinterpret_cast<__nv_bfloat16*>(smem + stage * Cfg::kStage + which * Cfg::kTile);
   };
-  __nv_bfloat16* decayed_c = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kDecayedC);
-  __nv_bfloat16* state_tile = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kStateTile);  // bf16 S for a S
+  // The warpgroup's 64 columns of the decayed c, and its bf16 S for a S.
+  __nv_bfloat16* decayed_c = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kDecayedC + warpgroup * kBlockBytes);
+  __nv_bfloat16* state_tile =
+      reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kStateTiles + warpgroup * Cfg::kStateTileBytes);
+  __nv_bfloat16* out_rows = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kOutRows + tid / 32 * Cfg::kOutRowsBytes);
   float* powers = reinterpret_cast<float*>(smem + Cfg::kTables);
   float* mask_by_distance = powers + kChunk + 1;
 
@@ -212,9 +223,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int t0 = chunk_start(i);
     const int rows = min(kChunk, p.seqlen - t0);
     const int64_t first = (first_token + t0) * token_stride + head * kD;
-    copy_tile_async<kD>(stage_tile(stage, 0), a + first, token_stride, rows, tid);
-    copy_tile_async<kD>(stage_tile(stage, 1), b + first, token_stride, rows, tid);
-    copy_tile_async<kBlockV>(stage_tile(stage, 2), c + first + col0, token_stride, rows, tid);
+    copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 0), a + first, token_stride, rows, tid);
+    copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 1), b + first, token_stride, rows, tid);
+    copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 2), c + first, token_stride, rows, tid);
   };
 
   if (n_chunks > 0) load_chunk(0, 0);
@@ -229,8 +240,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   // the exponentials (and their branches) in the loop. The decayed causal mask scale * gamma^(t - s)
   // depends on t - s only: entry t - s + 64, zero for the masked side.
   if (tid <= kChunk) powers[tid] = decay_pow(log2_decay, tid);
-  const int dist = tid - kChunk;
-  mask_by_distance[tid] = dist >= 0 ? p.scale * decay_pow(log2_decay, dist) : 0.f;
+  if (tid < 2 * kChunk) {
+    const int dist = tid - kChunk;
+    mask_by_distance[tid] = dist >= 0 ? p.scale * decay_pow(log2_decay, dist) : 0.f;
+  }
   auto masked = [&](float score, int n, int e) {
     const int d = kReverse ? acc_col(n, e) - acc_row(e) : acc_row(e) - acc_col(n, e);
     return score * mask_by_distance[d + kChunk];
@@ -284,10 +297,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int j = 0; j < 32; ++j) state[m][j] *= chunk_decay;
     }
-    const __nv_bfloat16* tile_c = stage_tile(i & 1, 2);
+    const __nv_bfloat16* tile_c = stage_tile(i & 1, 2) + warpgroup * (kBlockBytes / 2);
 #pragma unroll
-    for (int r = 0; r < kChunk * 8 / kThreads; ++r) {
-      const int idx = tid + r * kThreads;
+    for (int r = 0; r < kChunk * 8 / kWarpgroupThreads; ++r) {
+      const int idx = wg_tid + r * kWarpgroupThreads;
       const int token = idx / 8;
       const int offset = tile_offset<kChunk>(token, (idx % 8) * 8);
       const int steps = kReverse ? token + 1 : rows - 1 - token;
@@ -320,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const uint64_t a_desc = operand_descriptor(stage_tile(stage, 0));
     const uint64_t b_desc = operand_descriptor(stage_tile(stage, 1));
-    const uint64_t c_desc = operand_descriptor(stage_tile(stage, 2));
+    const uint64_t c_desc = operand_descriptor(stage_tile(stage, 2) + warpgroup * (kBlockBytes / 2));
 
     // Three groups in flight: scores = a b^T, acc = a S (the state at the chunk's start, bf16), and the
     // state update S += b^T (decayed c) on the already decayed state. The k-steps of a and b walk along
@@ -395,15 +408,25 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (i + 2 < n_chunks) load_chunk(i + 2, stage);
     copy_async_commit();
 
+    // The warp's 16 output rows go through shared memory so that global stores are whole 16-byte
+    // groups (8 lanes write one row's 128 contiguous bytes) instead of 4-byte pieces.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = acc_row(2 * half);
-      if (row < rows) {
-        __nv_bfloat16* dst = out + (first_token + t0 + row) * token_stride + head * kD + col0;
+    for (int n = 0; n < 8; ++n) {
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          *reinterpret_cast<uint32_t*>(dst + acc_col(n, 0)) = pack_bf16(acc[4 * n + 2 * half], acc[4 * n + 2 * half + 1]);
-        }
+      for (int half = 0; half < 2; ++half) {
+        const int row = lane / 4 + 8 * half;
+        *reinterpret_cast<uint32_t*>(out_rows + tile_offset<16>(row, acc_col(n, 0))) =
+            pack_bf16(acc[4 * n + 2 * half], acc[4 * n + 2 * half + 1]);
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = (lane + 32 * j) / 8;
+      const int col = (lane % 8) * 8;
+      if (16 * warp + row < rows) {
+        *reinterpret_cast<uint4*>(out + (first_token + t0 + 16 * warp + row) * token_stride + head * kD + col0 + col) =
+            *reinterpret_cast<const uint4*>(out_rows + tile_offset<16>(row, col));
       }
     }
   }
@@ -422,11 +445,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <int kHeadDim, bool kReverse>
 void run_lightning_chunk_scan(const LightningScanParams& params, cudaStream_t stream) {
   if (params.num_programs == 0) return;
-  constexpr int kSmemBytes = lightning_scan::Config<kHeadDim>::kSmemBytes;
+  using Cfg = lightning_scan::Config<kHeadDim>;
   auto kernel = lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse>;
   // More than 48 KB of dynamic shared memory needs an explicit opt-in per kernel.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  kernel<<<static_cast<unsigned>(params.num_programs), lightning_scan::kThreads, kSmemBytes, stream>>>(params);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  kernel<<<static_cast<unsigned>(params.num_programs), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(params);
 }
 
 }  // namespace hypenet
