@@ -4,8 +4,9 @@
 Rows per shape: forward, and forward + backward (gradients of q, k, v). Anchors: fla on the same bf16 inputs
 ("fla chunk_simple_gla", the speedup column), and fla on q, k, v already cast to fp32 ("fla chunk_simple_gla
 fp32": what the published model runs; the cast itself is not timed). hypenet rows call the kernel launchers
-(triton_ops.lightning.chunk) directly; "hypenet-triton op" goes through `hypenet.ops.lightning_attn` and autograd
-(validation and dispatch included), fla through its autograd function. "hypenet-cuda" rows (equal-length batches,
+(triton_ops.lightning.chunk) directly; "hypenet op" goes through `hypenet.ops.lightning_attn` and autograd
+(validation and dispatch included; auto dispatch runs the CUDA scan where hypenet._C holds it and it takes the
+inputs, the Triton kernels otherwise), fla through its autograd function. "hypenet-cuda" rows (equal-length batches,
 when hypenet._C holds it) run the scans' output stage with the CUDA kernel `hypenet_cuda.lightning_chunk_scan` and
 the segment stages with the Triton ones. Gradients come from torch.autograd.grad,
 so nothing accumulates into .grad between calls. Bandwidth and "pct_floor" count the fewest bytes
@@ -43,7 +44,7 @@ PACKED_CASES = {"8 ragged": [8192, 1024, 6144, 512, 3072, 2560, 7168, 4096], "64
 FLA = "fla chunk_simple_gla"
 FLA_FP32 = "fla chunk_simple_gla fp32"
 OURS = "hypenet-triton"
-OURS_OP = "hypenet-triton op"
+OURS_OP = "hypenet op"
 OURS_CUDA = "hypenet-cuda"
 
 
@@ -86,7 +87,7 @@ def _ours_op(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:
 
     def run(x, g, scale):
         leaves = [x[n].requires_grad_(backward) for n in ("q", "k", "v")]
-        o, _ = hypenet.ops.lightning_attn(*leaves, g, scale=scale, cu_seqlens=cu_seqlens, backend="triton")
+        o, _ = hypenet.ops.lightning_attn(*leaves, g, scale=scale, cu_seqlens=cu_seqlens)
         if backward:
             return torch.autograd.grad(o, leaves, x["do"])
         return o

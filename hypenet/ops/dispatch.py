@@ -47,11 +47,10 @@ GPU_AUTO_ORDER = ("cuda", "triton")
 
 
 def select_backend(op: str, backend: Optional[str], device: torch.device,
-                   reasons: dict[str, Optional[str]], gpu_order: tuple[str, ...] = GPU_AUTO_ORDER) -> str:
+                   reasons: dict[str, Optional[str]]) -> str:
     """Pick the backend for `op` on inputs living on `device`. `reasons[name]` is None when that backend can run
     the inputs; a requested backend that cannot raises with its reason. Auto on a GPU takes the first usable one
-    of `gpu_order` (an op whose CUDA kernels are slower than its Triton ones lists Triton first). Under a
-    torch.func transform only the reference can run."""
+    of GPU_AUTO_ORDER. Under a torch.func transform only the reference can run."""
     if _functorch_active():
         reasons = {name: reason if name == "reference" else FUNCTORCH_REASON for name, reason in reasons.items()}
     wanted = requested_backend(backend)
@@ -61,7 +60,7 @@ def select_backend(op: str, backend: Optional[str], device: torch.device,
             raise ValueError(f"{op}: backend {wanted!r} cannot run these inputs: {reason}")
         return wanted
     if device.type == "cuda":
-        for name in gpu_order:
+        for name in GPU_AUTO_ORDER:
             if reasons.get(name, "absent") is None:
                 return name
     return "reference"

@@ -82,9 +82,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         "cuda": cuda_kernel_reason("lightning_chunk_scan", device, q, k, v, cu_seqlens, initial_state) or (
             f"its segment stages are Triton kernels: {triton_reason}" if triton_reason else None),
     }
-    # Auto prefers Triton: the CUDA output stage takes ~1.2x the time of the Triton one on Hopper (BENCHMARKS.md);
-    # backend="cuda" runs it.
-    chosen = select_backend("lightning_attn", backend, device, reasons, gpu_order=("triton", "cuda"))
+    chosen = select_backend("lightning_attn", backend, device, reasons)
     if chosen == "reference":
         return lightning_attn_ref(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     o, final_state, _, _ = _lightning_attn_fwd_op(q, k, v, log_decay, scale, initial_state, output_final_state,

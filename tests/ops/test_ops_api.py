@@ -149,18 +149,17 @@ def test_forced_backend_that_cannot_run_raises_with_reason(monkeypatch):
         ops.hype_attn(*hype_inputs())
 
 
-def test_gpu_auto_order_follows_the_op(monkeypatch):
-    """Auto on a GPU takes the first usable backend of the op's order (cuda > triton unless the op reverses it),
-    skips the ones that cannot run, and a requested one still wins."""
+def test_gpu_auto_order_prefers_cuda(monkeypatch):
+    """Auto on a GPU takes the first usable backend (cuda > triton), skips the ones that cannot run, and a
+    requested one still wins."""
     from hypenet.ops.dispatch import select_backend
     monkeypatch.delenv("HYPENET_BACKEND", raising=False)
     gpu = torch.device("cuda", 0)
     both = {"reference": None, "triton": None, "cuda": None}
     assert select_backend("op", None, gpu, both) == "cuda"
-    assert select_backend("op", None, gpu, both, gpu_order=("triton", "cuda")) == "triton"
+    assert select_backend("op", None, gpu, dict(both, cuda="no")) == "triton"
+    assert select_backend("op", "triton", gpu, both) == "triton"
     no_triton = dict(both, triton="no")
-    assert select_backend("op", None, gpu, no_triton, gpu_order=("triton", "cuda")) == "cuda"
-    assert select_backend("op", "cuda", gpu, both, gpu_order=("triton", "cuda")) == "cuda"
     assert select_backend("op", None, gpu, dict(no_triton, cuda="no")) == "reference"
 
 
