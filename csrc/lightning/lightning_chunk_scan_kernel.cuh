@@ -11,9 +11,10 @@
 // within fp32 summation order. Tensor-core work is Hopper's asynchronous warpgroup MMA (wgmma
 // m64n64k16, bf16 in, fp32 accumulate): 28 instructions per chunk at D = 128, operands read from
 // shared tiles in the 128-byte-swizzled layout wgmma expects, except the masked scores, which stay in
-// registers. While the scores and a S run, the CUDA cores write the decayed c tile that the state
-// update reads. Tiles arrive by cp.async, two chunks in flight, rows past the sequence's end
-// zero-filled.
+// registers. The state update needs nothing from the scores, so it is issued with them and a S; while
+// scores c runs, the CUDA cores write what the next chunk's MMAs read (its bf16 state and decayed c).
+// Tiles arrive by cp.async, two chunks in flight, rows past the sequence's end zero-filled; output
+// rows go out through shared memory as whole 16-byte groups.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,7 +29,7 @@ namespace hypenet {
 namespace lightning_scan {
 
 constexpr int kChunk = 64;     // tokens per chunk: the M of one wgmma
-constexpr int kBlockV = 64;    // state columns per block: the N of every wgmma here
+constexpr int kBlockV = 64;    // state columns per warpgroup: the N of every wgmma here
 constexpr int kWarpgroupThreads = 128;
 static_assert(kWarpgroupThreads == 2 * kChunk, "one thread of a warpgroup per entry of the mask table");
 constexpr int kSwizzleRowBytes = 128;              // a row of a 64-column bf16 block
