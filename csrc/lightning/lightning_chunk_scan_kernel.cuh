@@ -13,8 +13,8 @@
 // shared tiles in the 128-byte-swizzled layout wgmma expects, except the masked scores, which stay in
 // registers. The state update needs nothing from the scores, so it is issued with them and a S; while
 // scores c runs, the CUDA cores write what the next chunk's MMAs read (its bf16 state and decayed c).
-// Tiles arrive by cp.async, two chunks in flight, rows past the sequence's end zero-filled; output
-// rows go out through shared memory as whole 16-byte groups.
+// Tiles arrive by cp.async up to two chunks ahead (three stages), rows past the sequence's end
+// zero-filled; output rows go out through shared memory as whole 16-byte groups.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +35,7 @@ static_assert(kWarpgroupThreads == 2 * kChunk, "one thread of a warpgroup per en
 constexpr int kSwizzleRowBytes = 128;              // a row of a 64-column bf16 block
 constexpr int kBlockBytes = kChunk * kSwizzleRowBytes;  // one [64, 64] bf16 block: 8 KB
 constexpr int kKStepBytesMN = 16 * kSwizzleRowBytes;    // 16 rows of an operand whose K runs down the rows
+constexpr int kStages = 3;  // chunks whose tiles are in shared memory or on their way
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int kHeadDim>
@@ -44,12 +45,12 @@ struct Config {
   static constexpr int kFeatureSteps = kHeadDim / 16;  // k-steps over a/b features
   static constexpr int kWarpgroups = kHeadDim / kBlockV;
   static constexpr int kThreads = kWarpgroups * kWarpgroupThreads;
-  // Shared memory, in bytes from a 1024-aligned base (the swizzle repeats every 1024 bytes): two
+  // Shared memory, in bytes from a 1024-aligned base (the swizzle repeats every 1024 bytes): kStages
   // stages of (a, b, c) [64, D] tiles, the decayed c [64, D], one bf16 state [D, 64] per warpgroup,
   // the output rows on their way to global memory ([16, 64] bf16 per warp), then the decay tables.
   static constexpr int kTile = kBlocksD * kBlockBytes;
   static constexpr int kStage = 3 * kTile;
-  static constexpr int kDecayedC = 2 * kStage;
+  static constexpr int kDecayedC = kStages * kStage;
   static constexpr int kStateTiles = kDecayedC + kTile;
   static constexpr int kStateTileBytes = kHeadDim * kSwizzleRowBytes;
   static constexpr int kOutRows = kStateTiles + kWarpgroups * kStateTileBytes;
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
 #pragma unroll
       for (int j = 0; j < 32; ++j) state[m][j] *= chunk_decay;
     }
-    const __nv_bfloat16* tile_c = stage_tile(i & 1, 2) + warpgroup * (kBlockBytes / 2);
+    const __nv_bfloat16* tile_c = stage_tile(i % kStages, 2) + warpgroup * (kBlockBytes / 2);
 #pragma unroll
     for (int r = 0; r < kChunk * 8 / kWarpgroupThreads; ++r) {
       const int idx = wg_tid + r * kWarpgroupThreads;
@@ -316,8 +317,7 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
     fence_shared_for_wgmma();
   };
 
-  // Chunk i + 1 is loaded while chunk i runs; chunk i + 2 goes into chunk i's stage once scores c, the
-  // last MMA that reads it, is complete.
+  // Chunk i + 2 is loaded while chunk i runs, into the stage of chunk i - 1, whose MMAs are complete.
   if (n_chunks > 1) load_chunk(1, 1);
   copy_async_commit();
   if (n_chunks > 0) {
@@ -327,11 +327,13 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
   }
 
   for (int i = 0; i < n_chunks; ++i) {
-    const int stage = i & 1;
+    const int stage = i % kStages;
     const int t0 = chunk_start(i);
     const int rows = chunk_rows(i);
-    // Chunk i's tiles, bf16 state and decayed c are in place and visible to wgmma.
+    // Chunk i's tiles, bf16 state and decayed c are in place and visible to wgmma; chunk i - 1's stage is free.
     __syncthreads();
+    if (i + 2 < n_chunks) load_chunk(i + 2, (i + 2) % kStages);
+    copy_async_commit();
     const uint64_t a_desc = operand_descriptor(stage_tile(stage, 0));
     const uint64_t b_desc = operand_descriptor(stage_tile(stage, 1));
     const uint64_t c_desc = operand_descriptor(stage_tile(stage, 2) + warpgroup * (kBlockBytes / 2));
@@ -399,15 +401,13 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) fence_registers(state[m]);
     if (i + 1 < n_chunks) {
-      copy_async_wait<0>();
+      copy_async_wait<1>();
       // Every warp's state update and a S are complete and chunk i + 1's tiles are in.
       __syncthreads();
       prepare_chunk(i + 1);
     }
     wgmma_wait<0>();
     fence_registers(acc);
-    if (i + 2 < n_chunks) load_chunk(i + 2, stage);
-    copy_async_commit();
 
     // The warp's 16 output rows go through shared memory so that global stores are whole 16-byte
     // groups (8 lanes write one row's 128 contiguous bytes) instead of 4-byte pieces.
