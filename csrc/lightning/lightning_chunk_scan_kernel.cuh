@@ -58,6 +58,7 @@ struct Config {
   static constexpr int kTables = kOutRows + kThreads / 32 * kOutRowsBytes;
   static constexpr int kSmemBytes = kTables + (kChunk + 1 + 2 * kChunk) * 4 + 1024;  // + alignment slack
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than one Hopper block may have");
 };
 
 // Offset (elements) of (row, col) in a bf16 tile of kRows rows stored as blocks of 64 columns, each a
