@@ -159,6 +159,10 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
   check_cuda_on(c, "c", device);
   check_cuda_on(out, "out", device);
   check_cuda_on(log_decay, "log_decay", device);
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(device.index());
+  TORCH_CHECK(props->major == 9 && props->minor == 0,
+              "hypenet_cuda.lightning_chunk_scan: the kernel issues Hopper warpgroup MMAs (sm_90a), but ", device,
+              " is sm_", props->major, props->minor);
   TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.sizes() == c.sizes() && a.sizes() == out.sizes(),
               "hypenet_cuda.lightning_chunk_scan: a, b, c, out must be [B, T, H, D] of one shape, got ", a.sizes(),
               ", ", b.sizes(), ", ", c.sizes(), ", ", out.sizes());

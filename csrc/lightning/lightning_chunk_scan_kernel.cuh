@@ -181,6 +181,7 @@ __device__ __forceinline__ float decay_pow(float log2_decay, int n) {
 template <int kHeadDim, bool kReverse>
 __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDim>::kWarpgroups)
     lightning_attn_fwd_kernel_output(const __grid_constant__ LightningScanParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = Config<kHeadDim>;
   constexpr int kD = kHeadDim;
   const int64_t block = blockIdx.x;
@@ -440,6 +441,11 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
     for_each_state_element(p.final_stride_a, p.final_stride_c,
                            [&](float& x, int64_t offset) { final_state[offset] = x; });
   }
+#else
+  // wgmma exists on sm_90a only: machine code for other targets stops here (the binding refuses other GPUs
+  // before launching).
+  __trap();
+#endif
 }
 
 }  // namespace lightning_scan

@@ -62,13 +62,24 @@ def cuda_op_available(name: str) -> bool:
     return name in _AVAILABLE_OPS
 
 
+# Ops whose kernels use instructions of one GPU generation only: (compute capability, what they issue).
+_REQUIRED_CAPABILITY = {"lightning_chunk_scan": ((9, 0), "Hopper warpgroup MMAs (sm_90a)")}
+
+
 @functools.lru_cache(maxsize=None)
-def _device_arch_reason(index: int) -> Optional[str]:
+def _device_arch_reason(name: str, index: int) -> Optional[str]:
     major, minor = torch.cuda.get_device_capability(index)
-    built = [arch.rstrip("a") for arch in _BUILD_INFO.get("archs", [])]
+    return _arch_reason(name, index, (major, minor), [arch.rstrip("a") for arch in _BUILD_INFO.get("archs", [])])
+
+
+def _arch_reason(name: str, index: int, capability: tuple[int, int], built: list[str]) -> Optional[str]:
+    major, minor = capability
     if f"{major}{minor}" not in built:
-        return (f"hypenet._C holds machine code for sm_{_BUILD_INFO.get('archs')} only, but cuda:{index} is "
-                f"sm_{major}{minor} (rebuild with HYPENET_CUDA_ARCHS)")
+        return (f"hypenet._C holds machine code for {', '.join('sm_' + arch for arch in built)} only, but "
+                f"cuda:{index} is sm_{major}{minor} (rebuild with HYPENET_CUDA_ARCHS)")
+    required = _REQUIRED_CAPABILITY.get(name)
+    if required is not None and capability != required[0]:
+        return f"the {name} kernel issues {required[1]}, but cuda:{index} is sm_{major}{minor}"
     return None
 
 
@@ -113,7 +124,7 @@ def cuda_unsupported_reason(name: str, *args: Tensor) -> Optional[str]:
     """
     if not cuda_op_available(name):
         return f"hypenet._C has no {name} kernel ({_LOAD_ERROR or 'not built with it'})"
-    reason = _device_arch_reason(args[0].device.index if args[0].device.index is not None
+    reason = _device_arch_reason(name, args[0].device.index if args[0].device.index is not None
                                  else torch.cuda.current_device())
     if reason is None and name in _INPUT_REASONS:
         reason = _INPUT_REASONS[name](*args)

@@ -63,6 +63,16 @@ def test_unsupported_inputs_have_reasons():
     assert "initial_state" in reason(state_dtype=torch.float64)
 
 
+def test_the_scan_runs_on_hopper_only():
+    """The CUDA scan issues wgmma, which exists on sm_90 only: a build for sm_80 and sm_90a runs it on an H100 and
+    gives an A100 or a Blackwell GPU a reason (Triton then runs); the step kernel takes any architecture built."""
+    assert cuda_ext._arch_reason("lightning_chunk_scan", 0, (9, 0), ["80", "90"]) is None
+    assert "sm_80" in cuda_ext._arch_reason("lightning_chunk_scan", 0, (8, 0), ["80", "90"])
+    assert "sm_100" in cuda_ext._arch_reason("lightning_chunk_scan", 1, (10, 0), ["90", "100"])
+    assert cuda_ext._arch_reason("lightning_attn_step", 0, (8, 0), ["80", "90"]) is None
+    assert "HYPENET_CUDA_ARCHS" in cuda_ext._arch_reason("lightning_attn_step", 0, (8, 6), ["90"])
+
+
 @pytest.mark.cuda
 @requires_cuda_scan
 @given(case=dense_cases([torch.bfloat16], [64, 128], max_batch=3, max_heads=4, max_tokens=1500,
