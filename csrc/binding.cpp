@@ -16,7 +16,9 @@
 
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 #include "common/params.h"
 #include "common/static_switch.h"
@@ -40,10 +42,21 @@ ElemType elem_type_of(const at::Tensor& t) {
   }
 }
 
-void check_cuda_on(const at::Tensor& t, const char* name, const at::Device& device) {
+using NamedTensor = std::pair<const at::Tensor*, const char*>;
+
+// t must be a CUDA tensor on `device`, the device of the argument named `reference`.
+void check_cuda_on(const at::Tensor& t, const char* name, const at::Device& device, const char* reference) {
   TORCH_CHECK(t.is_cuda(), "hypenet_cuda: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, "hypenet_cuda: ", name, " is on ", t.device(), " but q is on ",
+  TORCH_CHECK(t.device() == device, "hypenet_cuda: ", name, " is on ", t.device(), " but ", reference, " is on ",
               device);
+}
+
+// Every tensor must be a CUDA tensor on the device of the first one, which is returned.
+at::Device check_on_one_cuda_device(std::initializer_list<NamedTensor> tensors) {
+  const NamedTensor& first = *tensors.begin();
+  const at::Device device = first.first->device();
+  for (const auto& [t, name] : tensors) check_cuda_on(*t, name, device, first.second);
+  return device;
 }
 
 // q, k [B, T, H, K]; v [B, T, H, V]; log_decay [H] fp32; state [N, H, K, V] fp32 contiguous,
@@ -51,13 +64,9 @@ void check_cuda_on(const at::Tensor& t, const char* name, const at::Device& devi
 at::Tensor lightning_attn_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& log_decay, const at::Tensor& state,
                                const at::Tensor& state_indices, double scale) {
-  const at::Device device = q.device();
-  check_cuda_on(q, "q", device);
-  check_cuda_on(k, "k", device);
-  check_cuda_on(v, "v", device);
-  check_cuda_on(log_decay, "log_decay", device);
-  check_cuda_on(state, "state", device);
-  check_cuda_on(state_indices, "state_indices", device);
+  const at::Device device = check_on_one_cuda_device(
+      {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&log_decay, "log_decay"}, {&state, "state"},
+       {&state_indices, "state_indices"}});
 
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "hypenet_cuda.lightning_attn_step: q, k, v must be 4-d [B, T, H, D], got ", q.sizes(),
@@ -140,11 +149,6 @@ at::Tensor lightning_attn_step(const at::Tensor& q, const at::Tensor& k, const a
   return o;
 }
 
-void check_aligned16(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hypenet_cuda.lightning_chunk_scan: ", name,
-              "'s data pointer must be 16-byte aligned (the kernel copies 16-byte vectors)");
-}
-
 // The output stage of the chunked scan over an equal-length batch (lightning_chunk_scan.h).
 // a, b [B, T, H, D]; c [B, T, H, D] bf16 contiguous, D in {64, 128}; log_decay [H] fp32;
 // start_state [B * num_segs or B, H, D, D] fp32 (any strides); final_state [B, H, D, D] fp32 and
@@ -153,12 +157,8 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
                           const std::optional<at::Tensor>& start_state, const std::optional<at::Tensor>& final_state,
                           const at::Tensor& out, int64_t seg_len, int64_t num_segs, double scale,
                           double state_in_scale, double state_out_scale, bool reverse, bool start_per_segment) {
-  const at::Device device = a.device();
-  check_cuda_on(a, "a", device);
-  check_cuda_on(b, "b", device);
-  check_cuda_on(c, "c", device);
-  check_cuda_on(out, "out", device);
-  check_cuda_on(log_decay, "log_decay", device);
+  const at::Device device =
+      check_on_one_cuda_device({{&a, "a"}, {&b, "b"}, {&c, "c"}, {&out, "out"}, {&log_decay, "log_decay"}});
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device.index());
   TORCH_CHECK(props->major == 9 && props->minor == 0,
               "hypenet_cuda.lightning_chunk_scan: the kernel issues Hopper warpgroup MMAs (sm_90a), but ", device,
@@ -169,14 +169,13 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
   const int64_t batch = a.size(0), seqlen = a.size(1), heads = a.size(2), head_dim = a.size(3);
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "hypenet_cuda.lightning_chunk_scan: D must be 64 or 128, got ",
               head_dim);
-  for (const at::Tensor* t : {&a, &b, &c, &out}) {
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
-                "hypenet_cuda.lightning_chunk_scan: a, b, c, out must be contiguous bfloat16, got ", t->scalar_type());
+  for (const auto& [t, name] :
+       {NamedTensor{&a, "a"}, NamedTensor{&b, "b"}, NamedTensor{&c, "c"}, NamedTensor{&out, "out"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "hypenet_cuda.lightning_chunk_scan: ", name,
+                " must be contiguous bfloat16, got ", t->scalar_type(), t->is_contiguous() ? "" : " (not contiguous)");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "hypenet_cuda.lightning_chunk_scan: ", name,
+                "'s data pointer must be 16-byte aligned (the kernel copies 16-byte vectors)");
   }
-  check_aligned16(a, "a");
-  check_aligned16(b, "b");
-  check_aligned16(c, "c");
-  check_aligned16(out, "out");
   TORCH_CHECK(log_decay.scalar_type() == at::kFloat && log_decay.dim() == 1 && log_decay.size(0) == heads &&
                   log_decay.is_contiguous(),
               "hypenet_cuda.lightning_chunk_scan: log_decay must be contiguous float32 [H=", heads, "], got ",
@@ -187,7 +186,7 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
   TORCH_CHECK(num_segs == expected_segs, "hypenet_cuda.lightning_chunk_scan: num_segs must be ceil(T / seg_len) = ",
               expected_segs, ", got ", num_segs);
   auto check_state = [&](const at::Tensor& t, const char* name, int64_t rows) {
-    check_cuda_on(t, name, device);
+    check_cuda_on(t, name, device, "a");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(0) == rows && t.size(1) == heads &&
                     t.size(2) == head_dim && t.size(3) == head_dim,
                 "hypenet_cuda.lightning_chunk_scan: ", name, " must be float32 [", rows, ", ", heads, ", ", head_dim,

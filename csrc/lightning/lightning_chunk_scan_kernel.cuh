@@ -223,9 +223,11 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
   const int n_chunks = seg_tokens > 0 ? (seg_tokens + kChunk - 1) / kChunk : 0;
   auto chunk_start = [&](int i) { return seg_start + (kReverse ? n_chunks - 1 - i : i) * kChunk; };
 
+  auto chunk_rows = [&](int i) { return min(kChunk, p.seqlen - chunk_start(i)); };
+
   auto load_chunk = [&](int i, int stage) {
     const int t0 = chunk_start(i);
-    const int rows = min(kChunk, p.seqlen - t0);
+    const int rows = chunk_rows(i);
     const int64_t first = (first_token + t0) * token_stride + head * kD;
     copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 0), a + first, token_stride, rows, tid);
     copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 1), b + first, token_stride, rows, tid);
@@ -275,7 +277,6 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
 
   const uint64_t state_desc = operand_descriptor(state_tile);
   const uint64_t decayed_c_desc = operand_descriptor(decayed_c);
-  auto chunk_rows = [&](int i) { return min(kChunk, p.seqlen - chunk_start(i)); };
 
   // What chunk i's MMAs read besides its tiles, written once its c tile is in (every thread's copies)
   // and the MMAs of chunk i - 1 that read the same buffers are complete: the bf16 state at the chunk's

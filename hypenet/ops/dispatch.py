@@ -1,9 +1,9 @@
 """Backend selection: a pure function of device, dtype, dims and the override, so it traces under torch.compile.
 
 Every op lists, per backend, either None (it can run these inputs) or the reason it cannot. `auto` takes the
-first usable backend in the order cuda > triton on GPUs (an op reverses it where its CUDA kernels are the slower
-ones); on the CPU it takes the reference (Triton's interpreter runs there only when forced, for tests). Under a
-torch.func transform (outside torch.compile tracing) only the reference can run.
+first usable backend in the order cuda > triton on GPUs; on the CPU it takes the reference (Triton's interpreter
+runs there only when forced, for tests). Under a torch.func transform (outside torch.compile tracing) only the
+reference can run.
 """
 
 from __future__ import annotations
@@ -43,14 +43,10 @@ def _functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-GPU_AUTO_ORDER = ("cuda", "triton")
-
-
-def select_backend(op: str, backend: Optional[str], device: torch.device,
-                   reasons: dict[str, Optional[str]]) -> str:
+def select_backend(op: str, backend: Optional[str], device: torch.device, reasons: dict[str, Optional[str]]) -> str:
     """Pick the backend for `op` on inputs living on `device`. `reasons[name]` is None when that backend can run
-    the inputs; a requested backend that cannot raises with its reason. Auto on a GPU takes the first usable one
-    of GPU_AUTO_ORDER. Under a torch.func transform only the reference can run."""
+    the inputs; a requested backend that cannot raises with its reason. Under a torch.func transform only the
+    reference can run."""
     if _functorch_active():
         reasons = {name: reason if name == "reference" else FUNCTORCH_REASON for name, reason in reasons.items()}
     wanted = requested_backend(backend)
@@ -60,7 +56,7 @@ def select_backend(op: str, backend: Optional[str], device: torch.device,
             raise ValueError(f"{op}: backend {wanted!r} cannot run these inputs: {reason}")
         return wanted
     if device.type == "cuda":
-        for name in GPU_AUTO_ORDER:
+        for name in ("cuda", "triton"):
             if reasons.get(name, "absent") is None:
                 return name
     return "reference"
