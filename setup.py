@@ -31,6 +31,7 @@ BUILD_INFO_RELPATH = Path("hypenet") / "_build_info.json"
 CUDA_OPS = {
     "lightning_attn_step": "csrc/lightning/lightning_attn_step_*.cu",
     "lightning_chunk_scan": "csrc/lightning/lightning_chunk_scan_*.cu",
+    "lightning_chunk_scan_packed": "csrc/lightning/lightning_chunk_scan_*.cu",  # the same kernel, packed walk
 }
 BINDING_SOURCE = "csrc/binding.cpp"
 
@@ -95,7 +96,7 @@ def _cuda_setup() -> None:
     missing = [op for op, files in kernel_sources.items() if not files]
     if missing:
         raise FileNotFoundError(f"no kernel sources for CUDA ops {missing}")
-    sources = [str(ROOT / BINDING_SOURCE)] + [f for files in kernel_sources.values() for f in files]
+    sources = [str(ROOT / BINDING_SOURCE)] + sorted({f for files in kernel_sources.values() for f in files})
     build_info = {
         "cuda_ops": sorted(kernel_sources),
         "archs": archs,

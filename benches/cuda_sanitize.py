@@ -64,9 +64,41 @@ def lightning_chunk_scan_cases(quick: bool) -> int:
     return runs
 
 
+def lightning_chunk_scan_packed_cases(quick: bool) -> int:
+    """Both time directions and head dims (one each with --quick) over sequences of 130, 1, 64, 200 and 0 tokens
+    (a partial last chunk, a one-token and an exactly-one-chunk sequence, an empty one at the batch's end whose
+    chunk has no rows), cut into 128-token ranges so that ranges open inside sequences and read range states
+    (a transposed view), with initial and final states."""
+    from triton_ops.lightning.chunk import _plan_packed
+
+    runs = 0
+    lengths = [130, 1, 64, 200, 0]
+    T, H, N = sum(lengths), 3, len(lengths)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    for D in (128,) if quick else (64, 128):
+        plan = _plan_packed(T, cu_seqlens, H, D, segment_len=128)
+        for reverse in (False,) if quick else (False, True):
+            a, b, c = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            log_decay = -torch.rand(H, device="cuda")
+            range_states = torch.randn(plan.ranges + 1, H, D, D, device="cuda").transpose(-1, -2)
+            initial = torch.randn(N, H, D, D, device="cuda")
+            final = torch.empty(N, H, D, D, device="cuda")
+            out = torch.empty_like(c)
+            torch.ops.hypenet_cuda.lightning_chunk_scan_packed(a, b, c, log_decay, range_states, initial, final, out,
+                                                               plan.chunk_table, plan.range_table, 0.125, 1.0, 0.125,
+                                                               reverse)
+            torch.cuda.synchronize()
+            if not (torch.isfinite(out).all() and torch.isfinite(final).all()):
+                raise AssertionError(f"lightning_chunk_scan_packed D={D} reverse={reverse}: non-finite output or "
+                                     f"final state")
+            runs += 1
+    return runs
+
+
 CASES: dict[str, Callable[[bool], int]] = {
     "lightning_attn_step": lightning_attn_step_cases,
     "lightning_chunk_scan": lightning_chunk_scan_cases,
+    "lightning_chunk_scan_packed": lightning_chunk_scan_packed_cases,
 }
 
 

@@ -149,88 +149,65 @@ at::Tensor lightning_attn_step(const at::Tensor& q, const at::Tensor& k, const a
   return o;
 }
 
-// The output stage of the chunked scan over an equal-length batch (lightning_chunk_scan.h).
-// a, b [B, T, H, D]; c [B, T, H, D] bf16 contiguous, D in {64, 128}; log_decay [H] fp32;
-// start_state [B * num_segs or B, H, D, D] fp32 (any strides); final_state [B, H, D, D] fp32 and
-// out [B, T, H, D] bf16 contiguous are written.
-void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& log_decay,
-                          const std::optional<at::Tensor>& start_state, const std::optional<at::Tensor>& final_state,
-                          const at::Tensor& out, int64_t seg_len, int64_t num_segs, double scale,
-                          double state_in_scale, double state_out_scale, bool reverse, bool start_per_segment) {
+// What both chunked-scan ops check: a, b, c, out [B, T, H, D] bf16 contiguous and 16-byte aligned, D in
+// {64, 128}, log_decay [H] fp32, on one Hopper GPU. Returns the device.
+at::Device check_scan_operands(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                               const at::Tensor& out, const at::Tensor& log_decay) {
   const at::Device device =
       check_on_one_cuda_device({{&a, "a"}, {&b, "b"}, {&c, "c"}, {&out, "out"}, {&log_decay, "log_decay"}});
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device.index());
-  TORCH_CHECK(props->major == 9 && props->minor == 0,
-              "hypenet_cuda.lightning_chunk_scan: the kernel issues Hopper warpgroup MMAs (sm_90a), but ", device,
-              " is sm_", props->major, props->minor);
-  TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.sizes() == c.sizes() && a.sizes() == out.sizes(),
-              "hypenet_cuda.lightning_chunk_scan: a, b, c, out must be [B, T, H, D] of one shape, got ", a.sizes(),
-              ", ", b.sizes(), ", ", c.sizes(), ", ", out.sizes());
-  const int64_t batch = a.size(0), seqlen = a.size(1), heads = a.size(2), head_dim = a.size(3);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "hypenet_cuda.lightning_chunk_scan: D must be 64 or 128, got ",
-              head_dim);
+  TORCH_CHECK(props->major == 9 && props->minor == 0, op,
+              ": the kernel issues Hopper warpgroup MMAs (sm_90a), but ", device, " is sm_", props->major,
+              props->minor);
+  TORCH_CHECK(a.dim() == 4 && a.sizes() == b.sizes() && a.sizes() == c.sizes() && a.sizes() == out.sizes(), op,
+              ": a, b, c, out must be [B, T, H, D] of one shape, got ", a.sizes(), ", ", b.sizes(), ", ", c.sizes(),
+              ", ", out.sizes());
+  TORCH_CHECK(a.size(3) == 64 || a.size(3) == 128, op, ": D must be 64 or 128, got ", a.size(3));
   for (const auto& [t, name] :
        {NamedTensor{&a, "a"}, NamedTensor{&b, "b"}, NamedTensor{&c, "c"}, NamedTensor{&out, "out"}}) {
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "hypenet_cuda.lightning_chunk_scan: ", name,
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), op, ": ", name,
                 " must be contiguous bfloat16, got ", t->scalar_type(), t->is_contiguous() ? "" : " (not contiguous)");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "hypenet_cuda.lightning_chunk_scan: ", name,
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, ": ", name,
                 "'s data pointer must be 16-byte aligned (the kernel copies 16-byte vectors)");
   }
-  TORCH_CHECK(log_decay.scalar_type() == at::kFloat && log_decay.dim() == 1 && log_decay.size(0) == heads &&
+  TORCH_CHECK(log_decay.scalar_type() == at::kFloat && log_decay.dim() == 1 && log_decay.size(0) == a.size(2) &&
                   log_decay.is_contiguous(),
-              "hypenet_cuda.lightning_chunk_scan: log_decay must be contiguous float32 [H=", heads, "], got ",
-              log_decay.scalar_type(), " ", log_decay.sizes());
-  TORCH_CHECK(seg_len > 0 && seg_len % 64 == 0 && seg_len <= INT_MAX,
-              "hypenet_cuda.lightning_chunk_scan: seg_len must be a positive multiple of 64, got ", seg_len);
-  const int64_t expected_segs = seqlen > 0 ? (seqlen + seg_len - 1) / seg_len : 1;
-  TORCH_CHECK(num_segs == expected_segs, "hypenet_cuda.lightning_chunk_scan: num_segs must be ceil(T / seg_len) = ",
-              expected_segs, ", got ", num_segs);
-  auto check_state = [&](const at::Tensor& t, const char* name, int64_t rows) {
-    check_cuda_on(t, name, device, "a");
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(0) == rows && t.size(1) == heads &&
-                    t.size(2) == head_dim && t.size(3) == head_dim,
-                "hypenet_cuda.lightning_chunk_scan: ", name, " must be float32 [", rows, ", ", heads, ", ", head_dim,
-                ", ", head_dim, "], got ", t.scalar_type(), " ", t.sizes());
-  };
-  if (start_state.has_value()) check_state(*start_state, "start_state", start_per_segment ? batch * num_segs : batch);
-  if (final_state.has_value()) check_state(*final_state, "final_state", batch);
-  const int64_t num_programs = batch * num_segs * heads;
-  TORCH_CHECK(seqlen <= INT_MAX && num_programs <= INT_MAX && heads <= INT_MAX,
-              "hypenet_cuda.lightning_chunk_scan: sizes too large for one launch");
+              op, ": log_decay must be contiguous float32 [H=", a.size(2), "], got ", log_decay.scalar_type(), " ",
+              log_decay.sizes());
+  TORCH_CHECK(a.size(1) <= INT_MAX && a.size(2) <= INT_MAX, op, ": sizes too large for one launch");
+  return device;
+}
 
-  const c10::cuda::CUDAGuard device_guard(device);
-  LightningScanParams params{};
+// The view of an fp32 state tensor [rows, H, D, D] (any strides) on `device`; absent: a null view.
+StateView state_view(const char* op, const std::optional<at::Tensor>& t, const char* name, const at::Device& device,
+                     int64_t rows, const at::Tensor& a) {
+  if (!t.has_value()) return StateView{};
+  check_cuda_on(*t, name, device, "a");
+  const int64_t heads = a.size(2), head_dim = a.size(3);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == rows && t->size(1) == heads &&
+                  t->size(2) == head_dim && t->size(3) == head_dim,
+              op, ": ", name, " must be float32 [", rows, ", ", heads, ", ", head_dim, ", ", head_dim, "], got ",
+              t->scalar_type(), " ", t->sizes());
+  return StateView{t->data_ptr<float>(), t->stride(0), t->stride(1), t->stride(2), t->stride(3)};
+}
+
+void launch_scan(LightningScanParams& params, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                 const at::Tensor& out, const at::Tensor& log_decay, double scale, double state_in_scale,
+                 double state_out_scale, bool reverse) {
   params.a = a.data_ptr();
   params.b = b.data_ptr();
   params.c = c.data_ptr();
   params.out = out.data_ptr();
   params.log_decay = log_decay.data_ptr<float>();
-  if (start_state.has_value()) {
-    params.start_state = start_state->data_ptr<float>();
-    params.start_stride_n = start_state->stride(0);
-    params.start_stride_h = start_state->stride(1);
-    params.start_stride_a = start_state->stride(2);
-    params.start_stride_c = start_state->stride(3);
-  }
-  if (final_state.has_value()) {
-    params.final_state = final_state->data_ptr<float>();
-    params.final_stride_n = final_state->stride(0);
-    params.final_stride_h = final_state->stride(1);
-    params.final_stride_a = final_state->stride(2);
-    params.final_stride_c = final_state->stride(3);
-  }
-  params.seqlen = static_cast<int>(seqlen);
-  params.heads = static_cast<int>(heads);
-  params.seg_len = static_cast<int>(seg_len);
-  params.num_segs = static_cast<int>(num_segs);
-  params.num_programs = num_programs;
+  params.seqlen = static_cast<int>(a.size(1));
+  params.heads = static_cast<int>(a.size(2));
   params.scale = static_cast<float>(scale);
   params.state_in_scale = static_cast<float>(state_in_scale);
   params.state_out_scale = static_cast<float>(state_out_scale);
-  params.start_per_segment = start_per_segment;
 
+  const c10::cuda::CUDAGuard device_guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  HYPENET_HEADDIM_SWITCH(head_dim, [&] {
+  HYPENET_HEADDIM_SWITCH(a.size(3), [&] {
     if (reverse) {
       run_lightning_chunk_scan<kHeadDim, true>(params, stream);
     } else {
@@ -238,6 +215,72 @@ void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Te
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The output stage of the chunked scan over an equal-length batch (lightning_chunk_scan.h).
+// a, b, c, out as check_scan_operands; start_state [B * num_segs or B, H, D, D] fp32 (any strides);
+// final_state [B, H, D, D] fp32 is written.
+void lightning_chunk_scan(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& log_decay,
+                          const std::optional<at::Tensor>& start_state, const std::optional<at::Tensor>& final_state,
+                          const at::Tensor& out, int64_t seg_len, int64_t num_segs, double scale,
+                          double state_in_scale, double state_out_scale, bool reverse, bool start_per_segment) {
+  constexpr const char* kOp = "hypenet_cuda.lightning_chunk_scan";
+  const at::Device device = check_scan_operands(kOp, a, b, c, out, log_decay);
+  const int64_t batch = a.size(0), seqlen = a.size(1), heads = a.size(2);
+  TORCH_CHECK(seg_len > 0 && seg_len % 64 == 0 && seg_len <= INT_MAX, kOp,
+              ": seg_len must be a positive multiple of 64, got ", seg_len);
+  const int64_t expected_segs = seqlen > 0 ? (seqlen + seg_len - 1) / seg_len : 1;
+  TORCH_CHECK(num_segs == expected_segs, kOp, ": num_segs must be ceil(T / seg_len) = ", expected_segs, ", got ",
+              num_segs);
+  LightningScanParams params{};
+  params.start_state =
+      state_view(kOp, start_state, "start_state", device, start_per_segment ? batch * num_segs : batch, a);
+  params.final_state = state_view(kOp, final_state, "final_state", device, batch, a);
+  params.num_programs = batch * num_segs * heads;
+  TORCH_CHECK(params.num_programs <= INT_MAX, kOp, ": sizes too large for one launch");
+  params.seg_len = static_cast<int>(seg_len);
+  params.num_segs = static_cast<int>(num_segs);
+  params.start_per_segment = start_per_segment;
+  launch_scan(params, a, b, c, out, log_decay, scale, state_in_scale, state_out_scale, reverse);
+}
+
+// The output stage of the chunked scan over a packed batch (lightning_chunk_scan.h, LightningScanParams):
+// a, b, c, out [1, T, H, D] as check_scan_operands; chunk_table [chunks, 4] and range_table [ranges + 1]
+// int32 contiguous, as triton_ops/lightning/chunk.py builds them (their contents are not checked here);
+// range_states [ranges + 1, H, D, D], initial_state and final_state [N, H, D, D] fp32 (any strides).
+void lightning_chunk_scan_packed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                 const at::Tensor& log_decay, const std::optional<at::Tensor>& range_states,
+                                 const std::optional<at::Tensor>& initial_state,
+                                 const std::optional<at::Tensor>& final_state, const at::Tensor& out,
+                                 const at::Tensor& chunk_table, const at::Tensor& range_table, double scale,
+                                 double state_in_scale, double state_out_scale, bool reverse) {
+  constexpr const char* kOp = "hypenet_cuda.lightning_chunk_scan_packed";
+  const at::Device device = check_scan_operands(kOp, a, b, c, out, log_decay);
+  TORCH_CHECK(a.size(0) == 1, kOp, ": a packed batch is one row (B == 1), got B = ", a.size(0));
+  for (const auto& [t, name] : {NamedTensor{&chunk_table, "chunk_table"}, NamedTensor{&range_table, "range_table"}}) {
+    check_cuda_on(*t, name, device, "a");
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), kOp, ": ", name,
+                " must be contiguous int32, got ", t->scalar_type(), t->is_contiguous() ? "" : " (not contiguous)");
+  }
+  TORCH_CHECK(chunk_table.dim() == 2 && chunk_table.size(1) == 4, kOp, ": chunk_table must be [chunks, 4], got ",
+              chunk_table.sizes());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(chunk_table.data_ptr()) % 16 == 0, kOp,
+              ": chunk_table's data pointer must be 16-byte aligned (the kernel copies one 16-byte entry at a time)");
+  TORCH_CHECK(range_table.dim() == 1 && range_table.size(0) >= 2, kOp,
+              ": range_table must be [ranges + 1] with ranges >= 1, got ", range_table.sizes());
+  const int64_t ranges = range_table.size(0) - 1;
+  const int64_t sequences = initial_state.has_value() ? initial_state->size(0)
+                            : final_state.has_value() ? final_state->size(0)
+                                                      : 0;
+  LightningScanParams params{};
+  params.start_state = state_view(kOp, range_states, "range_states", device, ranges + 1, a);
+  params.initial_state = state_view(kOp, initial_state, "initial_state", device, sequences, a);
+  params.final_state = state_view(kOp, final_state, "final_state", device, sequences, a);
+  params.chunk_table = chunk_table.data_ptr<int>();
+  params.range_table = range_table.data_ptr<int>();
+  params.num_programs = ranges * a.size(2);
+  TORCH_CHECK(params.num_programs <= INT_MAX, kOp, ": sizes too large for one launch");
+  launch_scan(params, a, b, c, out, log_decay, scale, state_in_scale, state_out_scale, reverse);
 }
 
 }  // namespace
@@ -251,11 +294,16 @@ TORCH_LIBRARY(hypenet_cuda, m) {
       "lightning_chunk_scan(Tensor a, Tensor b, Tensor c, Tensor log_decay, Tensor? start_state, "
       "Tensor(a!)? final_state, Tensor(b!) out, int seg_len, int num_segs, float scale, float state_in_scale, "
       "float state_out_scale, bool reverse, bool start_per_segment) -> ()");
+  m.def(
+      "lightning_chunk_scan_packed(Tensor a, Tensor b, Tensor c, Tensor log_decay, Tensor? range_states, "
+      "Tensor? initial_state, Tensor(a!)? final_state, Tensor(b!) out, Tensor chunk_table, Tensor range_table, "
+      "float scale, float state_in_scale, float state_out_scale, bool reverse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hypenet_cuda, CUDA, m) {
   m.impl("lightning_attn_step", &hypenet::lightning_attn_step);
   m.impl("lightning_chunk_scan", &hypenet::lightning_chunk_scan);
+  m.impl("lightning_chunk_scan_packed", &hypenet::lightning_chunk_scan_packed);
 }
 
 // `import hypenet._C` loads this library, which runs the registrations above; the module itself

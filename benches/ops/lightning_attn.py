@@ -6,9 +6,9 @@ Rows per shape: forward, and forward + backward (gradients of q, k, v). Anchors:
 fp32": what the published model runs; the cast itself is not timed). hypenet rows call the kernel launchers
 (triton_ops.lightning.chunk) directly; "hypenet op" goes through `hypenet.ops.lightning_attn` and autograd
 (validation and dispatch included; auto dispatch runs the CUDA scan where hypenet._C holds it and it takes the
-inputs, the Triton kernels otherwise), fla through its autograd function. "hypenet-cuda" rows (equal-length batches,
-when hypenet._C holds it) run the scans' output stage with the CUDA kernel `hypenet_cuda.lightning_chunk_scan` and
-the segment stages with the Triton ones. Gradients come from torch.autograd.grad,
+inputs, the Triton kernels otherwise), fla through its autograd function. "hypenet-cuda" rows (when hypenet._C holds
+the kernel) run the scans' output stage with the CUDA kernel `hypenet_cuda.lightning_chunk_scan` (packed batches:
+`lightning_chunk_scan_packed`) and the segment stages with the Triton ones. Gradients come from torch.autograd.grad,
 so nothing accumulates into .grad between calls. Bandwidth and "pct_floor" count the fewest bytes
 (benches.common.lightning_chunk_bytes: inputs read once, outputs written once).
 
@@ -77,9 +77,9 @@ def _ours(backward: bool, cu_seqlens: Optional[torch.Tensor], cuda_output_stage:
     return run
 
 
-def _has_cuda_scan() -> bool:
+def _has_cuda_scan(cu_seqlens: Optional[torch.Tensor]) -> bool:
     from hypenet.ops.cuda_ext import cuda_op_available
-    return cuda_op_available("lightning_chunk_scan")
+    return cuda_op_available("lightning_chunk_scan" if cu_seqlens is None else "lightning_chunk_scan_packed")
 
 
 def _ours_op(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:
@@ -109,8 +109,8 @@ def _fla(backward: bool, cu_seqlens: Optional[torch.Tensor], fp32: bool) -> Call
 
 def _backends(backward: bool, cu_seqlens: Optional[torch.Tensor], with_fp32: bool) -> tuple[dict, dict]:
     backends, skipped = {OURS: _ours(backward, cu_seqlens), OURS_OP: _ours_op(backward, cu_seqlens)}, {}
-    if cu_seqlens is None and _has_cuda_scan():
-        backends[OURS_CUDA] = _ours(backward, None, cuda_output_stage=True)
+    if _has_cuda_scan(cu_seqlens):
+        backends[OURS_CUDA] = _ours(backward, cu_seqlens, cuda_output_stage=True)
     try:
         backends[FLA] = _fla(backward, cu_seqlens, fp32=False)
         if with_fp32:
@@ -130,7 +130,7 @@ def _check(log_decay: torch.Tensor, scale: float) -> None:
         leaves = [y[n].double().requires_grad_() for n in ("q", "k", "v")]
         o_ref, _ = lightning_attn_ref(*leaves, log_decay, scale, None, False, cu_seqlens)
         grads_ref = torch.autograd.grad(o_ref, leaves, y["do"].double())
-        cuda_stages = (False, True) if cu_seqlens is None and _has_cuda_scan() else (False,)
+        cuda_stages = (False, True) if _has_cuda_scan(cu_seqlens) else (False,)
         for cuda_output_stage in cuda_stages:
             o = _ours(False, cu_seqlens, cuda_output_stage)(y, log_decay, scale)
             grads = _ours(True, cu_seqlens, cuda_output_stage)(y, log_decay, scale)
@@ -139,7 +139,7 @@ def _check(log_decay: torch.Tensor, scale: float) -> None:
             for name, got, ref in zip(("dq", "dk", "dv"), grads, grads_ref):
                 check_close(f"{what} {name}", got, ref, 1e-2)
     print("# checked: o, dq, dk, dv match the fp64 reference (dense B2 T2048, packed 3 sequences; hypenet-cuda "
-          "dense when built)", flush=True)
+          "when built)", flush=True)
 
 
 def _time_rows(shape: str, backends: dict, x: dict, log_decay: torch.Tensor, scale: float, backward: bool,

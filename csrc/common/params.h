@@ -35,27 +35,39 @@ struct LightningStepParams {
   bool indices_are_int64;
 };
 
-// The output stage of the chunked scan over an equal-length batch (csrc/lightning/lightning_chunk_scan.h).
-// a, b [B, T, H, DA]; c, out [B, T, H, DC], contiguous; log_decay [H] fp32. start_state holds S at the start
-// of every segment ([N * num_segs, H, DA, DC]) or of every sequence ([N, H, DA, DC]), final_state [N, H, DA, DC]
-// receives the state after the sequence's end (its start, backwards); both fp32, given by strides, may be null.
+// An fp32 state tensor [rows, H, DA, DC] by its data pointer (null: absent) and strides.
+struct StateView {
+  float* data;
+  int64_t stride_n, stride_h, stride_a, stride_c;
+};
+
+// The output stage of the chunked scan (csrc/lightning/lightning_chunk_scan.h). a, b [B, T, H, DA]; c, out
+// [B, T, H, DC], contiguous; log_decay [H] fp32; every state fp32, given by strides, may be null.
+// Equal-length batches (chunk_table null): start_state holds S at the start of every segment
+// ([N * num_segs, H, DA, DC]) or of every sequence ([N, H, DA, DC]).
+// Packed batches (B == 1): N sequences cut into 64-token chunks, laid end to end in chunk_table and cut into
+// ranges by range_table (triton_ops/lightning/chunk.py builds both on the device); one block per (range,
+// head). start_state [ranges + 1, H, DA, DC] holds S where each range begins (backwards: entry r + 1 where
+// range r ends), read where that is inside a sequence; initial_state [N, H, DA, DC] is S where a sequence
+// opens (null: zeros).
+// Both: final_state [N, H, DA, DC] receives the state after each sequence's end (its start, backwards).
 struct LightningScanParams {
   const void* __restrict__ a;
   const void* __restrict__ b;
   const void* __restrict__ c;
   void* __restrict__ out;
   const float* __restrict__ log_decay;
-  const float* __restrict__ start_state;
-  float* __restrict__ final_state;
-
-  int64_t start_stride_n, start_stride_h, start_stride_a, start_stride_c;
-  int64_t final_stride_n, final_stride_h, final_stride_a, final_stride_c;
+  StateView start_state;
+  StateView final_state;
+  StateView initial_state;  // packed batches only
+  const int* __restrict__ chunk_table;  // [chunks, 4] (first token, rows, sequence, flags: 1 first, 2 last chunk)
+  const int* __restrict__ range_table;  // [ranges + 1] first chunk of every range, then the chunk count
 
   int seqlen;    // T
   int heads;     // H
-  int seg_len;   // tokens per segment, a multiple of the chunk
-  int num_segs;  // segments per sequence
-  int64_t num_programs;  // thread blocks: N * num_segs * H
+  int seg_len;   // tokens per segment, a multiple of the chunk (equal-length batches)
+  int num_segs;  // segments per sequence (equal-length batches)
+  int64_t num_programs;  // thread blocks: N * num_segs * H, or ranges * H
 
   float scale;            // of the intra-chunk scores
   float state_in_scale;   // of b^T c as it enters the state

@@ -1,7 +1,7 @@
 // Kernel of the chunked scan's output stage; see lightning_chunk_scan.h for the math.
 //
-// One block per (segment, head) walks its segment in chunks of 64 tokens with one warpgroup (4 warps)
-// per 64 state columns; a warpgroup keeps its [D, 64] slice of the fp32 state in registers as wgmma
+// One block per (segment, head) walks its segment in chunks of 64 tokens (packed batches: per (range,
+// head), the range's chunks from the chunk table) with one warpgroup (4 warps) per 64 state columns; a warpgroup keeps its [D, 64] slice of the fp32 state in registers as wgmma
 // accumulators. The warpgroups share the a, b, c tiles in shared memory (each chunk's a and b are
 // read from memory once per head). Per chunk and warpgroup:
 //   scores = a b^T (fp32), times the decayed causal mask, rounded to bf16;
@@ -36,6 +36,12 @@ constexpr int kSwizzleRowBytes = 128;              // a row of a 64-column bf16 
 constexpr int kBlockBytes = kChunk * kSwizzleRowBytes;  // one [64, 64] bf16 block: 8 KB
 constexpr int kKStepBytesMN = 16 * kSwizzleRowBytes;    // 16 rows of an operand whose K runs down the rows
 constexpr int kStages = 3;  // chunks whose tiles are in shared memory or on their way
+// Packed batches: chunk-table entries travel kEntriesAhead chunks ahead of the walk (two more than the
+// tiles, so that an entry has landed and passed a barrier before its chunk's tiles are requested) into a
+// ring of kEntryRing 16-byte slots.
+constexpr int kEntriesAhead = (kStages - 1) + 2;
+constexpr int kEntryRing = 8;
+static_assert(kEntryRing > kEntriesAhead && (kEntryRing & (kEntryRing - 1)) == 0, "a power-of-two ring");
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int kHeadDim>
@@ -47,7 +53,8 @@ struct Config {
   static constexpr int kThreads = kWarpgroups * kWarpgroupThreads;
   // Shared memory, in bytes from a 1024-aligned base (the swizzle repeats every 1024 bytes): kStages
   // stages of (a, b, c) [64, D] tiles, the decayed c [64, D], one bf16 state [D, 64] per warpgroup,
-  // the output rows on their way to global memory ([16, 64] bf16 per warp), then the decay tables.
+  // the output rows on their way to global memory ([16, 64] bf16 per warp), the decay tables, then the
+  // ring of chunk-table entries (packed batches).
   static constexpr int kTile = kBlocksD * kBlockBytes;
   static constexpr int kStage = 3 * kTile;
   static constexpr int kDecayedC = kStages * kStage;
@@ -56,7 +63,8 @@ struct Config {
   static constexpr int kOutRows = kStateTiles + kWarpgroups * kStateTileBytes;
   static constexpr int kOutRowsBytes = 16 * kSwizzleRowBytes;  // per warp
   static constexpr int kTables = kOutRows + kThreads / 32 * kOutRowsBytes;
-  static constexpr int kSmemBytes = kTables + (kChunk + 1 + 2 * kChunk) * 4 + 1024;  // + alignment slack
+  static constexpr int kEntries = kTables + ((kChunk + 1 + 2 * kChunk) * 4 + 15) / 16 * 16;
+  static constexpr int kSmemBytes = kEntries + kEntryRing * 16 + 1024;  // + alignment slack
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than one Hopper block may have");
 };
@@ -178,17 +186,22 @@ __device__ __forceinline__ float decay_pow(float log2_decay, int n) {
 }
 
 // Two 4-warp blocks per SM at D = 64; one 8-warp block at D = 128 (the register file holds 8 warps).
-template <int kHeadDim, bool kReverse>
+// kPacked: the block walks one range of a packed batch's chunk list (see LightningScanParams).
+template <int kHeadDim, bool kReverse, bool kPacked>
 __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDim>::kWarpgroups)
     lightning_attn_fwd_kernel_output(const __grid_constant__ LightningScanParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = Config<kHeadDim>;
   constexpr int kD = kHeadDim;
+  // Chunk-table flags of a sequence's first and last chunk; the walk opens a sequence at its first chunk
+  // (its last, backwards) and closes it at the other end.
+  constexpr int kOpensFlag = kReverse ? 2 : 1;
+  constexpr int kClosesFlag = kReverse ? 1 : 2;
   const int64_t block = blockIdx.x;
   const int head = static_cast<int>(block % p.heads);
-  const int64_t segment = block / p.heads;
-  const int64_t sequence = segment / p.num_segs;
-  const int seg_index = static_cast<int>(segment % p.num_segs);
+  const int64_t work = block / p.heads;  // the segment, or the range of a packed batch
+  const int64_t sequence = kPacked ? 0 : work / p.num_segs;
+  const int seg_index = kPacked ? 0 : static_cast<int>(work % p.num_segs);
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / kWarpgroupThreads;
@@ -202,7 +215,6 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
   const __nv_bfloat16* c = static_cast<const __nv_bfloat16*>(p.c);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
   const int64_t token_stride = static_cast<int64_t>(p.heads) * kD;  // a, b, c, out rows
-  const int64_t first_token = sequence * p.seqlen;
   const int col0 = warpgroup * kBlockV;  // this warpgroup's state columns
 
   extern __shared__ unsigned char smem_raw[];
@@ -217,23 +229,54 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
   __nv_bfloat16* out_rows = reinterpret_cast<__nv_bfloat16*>(smem + Cfg::kOutRows + tid / 32 * Cfg::kOutRowsBytes);
   float* powers = reinterpret_cast<float*>(smem + Cfg::kTables);
   float* mask_by_distance = powers + kChunk + 1;
+  int4* entries = reinterpret_cast<int4*>(smem + Cfg::kEntries);
 
+  // The chunks this block walks: equal-length batches the chunks of one segment; packed batches the
+  // chunk-table entries range_table[range] .. range_table[range + 1] - 1 (backwards: last to first).
   const int seg_start = seg_index * p.seg_len;
-  const int seg_tokens = min(p.seg_len, p.seqlen - seg_start);
-  const int n_chunks = seg_tokens > 0 ? (seg_tokens + kChunk - 1) / kChunk : 0;
+  int n_chunks;
+  int first_entry = 0;
+  if constexpr (kPacked) {
+    const int begin = p.range_table[work];
+    const int end = p.range_table[work + 1];
+    n_chunks = max(end - begin, 0);
+    first_entry = kReverse ? end - 1 : begin;
+  } else {
+    const int seg_tokens = min(p.seg_len, p.seqlen - seg_start);
+    n_chunks = seg_tokens > 0 ? (seg_tokens + kChunk - 1) / kChunk : 0;
+  }
+  auto entry_address = [&](int i) {
+    return p.chunk_table + 4 * static_cast<int64_t>(kReverse ? first_entry - i : first_entry + i);
+  };
+  auto entry = [&](int i) -> const int4& { return entries[i & (kEntryRing - 1)]; };
   auto chunk_start = [&](int i) { return seg_start + (kReverse ? n_chunks - 1 - i : i) * kChunk; };
-
-  auto chunk_rows = [&](int i) { return min(kChunk, p.seqlen - chunk_start(i)); };
+  // Chunk i's first token (a row of a, b, c and out) and its rows (64 but at a sequence's end).
+  auto chunk_token = [&](int i) -> int64_t {
+    if constexpr (kPacked) return entry(i).x;
+    return sequence * p.seqlen + chunk_start(i);
+  };
+  auto chunk_rows = [&](int i) {
+    if constexpr (kPacked) return entry(i).y;
+    return min(kChunk, p.seqlen - chunk_start(i));
+  };
+  auto chunk_sequence = [&](int i) -> int64_t {
+    if constexpr (kPacked) return entry(i).z;
+    return sequence;
+  };
 
   auto load_chunk = [&](int i, int stage) {
-    const int t0 = chunk_start(i);
     const int rows = chunk_rows(i);
-    const int64_t first = (first_token + t0) * token_stride + head * kD;
+    // A packed empty sequence's chunk has no rows (and its first token may be one past the batch's end).
+    const int64_t first = (rows > 0 ? chunk_token(i) * token_stride : 0) + head * kD;
     copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 0), a + first, token_stride, rows, tid);
     copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 1), b + first, token_stride, rows, tid);
     copy_tile_async<kD, Cfg::kThreads>(stage_tile(stage, 2), c + first, token_stride, rows, tid);
   };
 
+  if constexpr (kPacked) {
+    if (tid < min(n_chunks, kEntriesAhead)) entries[tid] = *reinterpret_cast<const int4*>(entry_address(tid));
+    __syncthreads();
+  }
   if (n_chunks > 0) load_chunk(0, 0);
   copy_async_commit();
 
@@ -267,12 +310,32 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
       }
     }
   };
-  if (p.start_state != nullptr) {
-    const float* start = p.start_state + (p.start_per_segment ? segment : sequence) * p.start_stride_n +
-                         head * p.start_stride_h;
-    for_each_state_element(p.start_stride_a, p.start_stride_c, [&](float& x, int64_t offset) { x = start[offset]; });
+  auto load_state = [&](const StateView& from, int64_t slot) {
+    const float* base = from.data + slot * from.stride_n + head * from.stride_h;
+    for_each_state_element(from.stride_a, from.stride_c, [&](float& x, int64_t offset) { x = base[offset]; });
+  };
+  auto store_final_state = [&](int64_t seq) {
+    float* base = p.final_state.data + seq * p.final_state.stride_n + head * p.final_state.stride_h;
+    for_each_state_element(p.final_state.stride_a, p.final_state.stride_c,
+                           [&](float& x, int64_t offset) { base[offset] = x; });
+  };
+  auto zero_state = [&] { for_each_state_element(0, 0, [](float& x, int64_t) { x = 0.f; }); };
+  // Packed batches: the state where a sequence opens.
+  auto open_sequence = [&](int64_t seq) {
+    if (p.initial_state.data != nullptr) {
+      load_state(p.initial_state, seq);
+    } else {
+      zero_state();
+    }
+  };
+  const bool starts_from_state = kPacked ? n_chunks > 0 && (entry(0).w & kOpensFlag) == 0 : true;
+  if (kPacked && n_chunks > 0 && !starts_from_state) {
+    open_sequence(chunk_sequence(0));
+  } else if (p.start_state.data != nullptr && starts_from_state) {
+    // Range r's start state is entry r forwards (where it begins) and r + 1 backwards (where it ends).
+    load_state(p.start_state, kPacked ? work + (kReverse ? 1 : 0) : (p.start_per_segment ? work : sequence));
   } else {
-    for_each_state_element(0, 0, [](float& x, int64_t) { x = 0.f; });
+    zero_state();
   }
 
   const uint64_t state_desc = operand_descriptor(state_tile);
@@ -331,11 +394,15 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
 
   for (int i = 0; i < n_chunks; ++i) {
     const int stage = i % kStages;
-    const int t0 = chunk_start(i);
     const int rows = chunk_rows(i);
     // Chunk i's tiles, bf16 state and decayed c are in place and visible to wgmma; chunk i - 1's stage is free.
     __syncthreads();
     if (i + 2 < n_chunks) load_chunk(i + 2, (i + 2) % kStages);
+    // The entry of chunk i + kEntriesAhead joins this commit group; it is waited for, with chunk i + 2's
+    // tiles, before chunk i + 2 is prepared, one iteration before its own tiles are requested.
+    if (kPacked && tid == 0 && i + kEntriesAhead < n_chunks) {
+      copy_async16(shared_address(&entry(i + kEntriesAhead)), entry_address(i + kEntriesAhead), true);
+    }
     copy_async_commit();
     const uint64_t a_desc = operand_descriptor(stage_tile(stage, 0));
     const uint64_t b_desc = operand_descriptor(stage_tile(stage, 1));
@@ -403,6 +470,12 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
     wgmma_wait<1>();
 #pragma unroll
     for (int m = 0; m < Cfg::kStateMTiles; ++m) fence_registers(state[m]);
+    if constexpr (kPacked) {
+      // The state after chunk i: the final state where the chunk closes its sequence; where chunk i + 1
+      // opens a sequence, that sequence's initial state (or zeros) replaces it.
+      if (p.final_state.data != nullptr && (entry(i).w & kClosesFlag) != 0) store_final_state(chunk_sequence(i));
+      if (i + 1 < n_chunks && (entry(i + 1).w & kOpensFlag) != 0) open_sequence(chunk_sequence(i + 1));
+    }
     if (i + 1 < n_chunks) {
       copy_async_wait<1>();
       // Every warp's state update and a S are complete and chunk i + 1's tiles are in.
@@ -424,23 +497,21 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 2 / Config<kHeadDi
       }
     }
     __syncwarp();
+    const int64_t t0 = chunk_token(i);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int row = (lane + 32 * j) / 8;
       const int col = (lane % 8) * 8;
       if (16 * warp + row < rows) {
-        *reinterpret_cast<uint4*>(out + (first_token + t0 + 16 * warp + row) * token_stride + head * kD + col0 + col) =
+        *reinterpret_cast<uint4*>(out + (t0 + 16 * warp + row) * token_stride + head * kD + col0 + col) =
             *reinterpret_cast<const uint4*>(out_rows + tile_offset<16>(row, col));
       }
     }
   }
   copy_async_wait<0>();
-
-  const bool at_end = kReverse ? seg_index == 0 : seg_index == p.num_segs - 1;
-  if (p.final_state != nullptr && at_end) {
-    float* final_state = p.final_state + sequence * p.final_stride_n + head * p.final_stride_h;
-    for_each_state_element(p.final_stride_a, p.final_stride_c,
-                           [&](float& x, int64_t offset) { final_state[offset] = x; });
+  // Equal-length batches: the segment at the sequence's end (its start, backwards) holds its final state.
+  if (!kPacked && p.final_state.data != nullptr && seg_index == (kReverse ? 0 : p.num_segs - 1)) {
+    store_final_state(sequence);
   }
 #else
   // wgmma exists on sm_90a only: machine code for other targets stops here (the binding refuses other GPUs
@@ -455,7 +526,8 @@ template <int kHeadDim, bool kReverse>
 void run_lightning_chunk_scan(const LightningScanParams& params, cudaStream_t stream) {
   if (params.num_programs == 0) return;
   using Cfg = lightning_scan::Config<kHeadDim>;
-  auto kernel = lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse>;
+  auto kernel = params.chunk_table != nullptr ? lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse, true>
+                                              : lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse, false>;
   // More than 48 KB of dynamic shared memory needs an explicit opt-in per kernel.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   kernel<<<static_cast<unsigned>(params.num_programs), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(params);

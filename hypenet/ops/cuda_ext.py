@@ -63,7 +63,8 @@ def cuda_op_available(name: str) -> bool:
 
 
 # Ops whose kernels use instructions of one GPU generation only: (compute capability, what they issue).
-_REQUIRED_CAPABILITY = {"lightning_chunk_scan": ((9, 0), "Hopper warpgroup MMAs (sm_90a)")}
+_HOPPER = ((9, 0), "Hopper warpgroup MMAs (sm_90a)")
+_REQUIRED_CAPABILITY = {"lightning_chunk_scan": _HOPPER, "lightning_chunk_scan_packed": _HOPPER}
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,15 +95,12 @@ def _lightning_attn_step_reason(q: Tensor, k: Tensor, v: Tensor, state: Tensor) 
     return None
 
 
-def _lightning_chunk_scan_reason(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
-                                 initial_state: Optional[Tensor]) -> Optional[str]:
+def _lightning_chunk_scan_reason(q: Tensor, k: Tensor, v: Tensor, initial_state: Optional[Tensor]) -> Optional[str]:
     if q.dtype != torch.bfloat16:
         return f"the CUDA chunked scan takes q, k, v in bfloat16 (other dtypes run on Triton), got {q.dtype}"
     K, V = q.shape[-1], v.shape[-1]
     if K != V or K not in (64, 128):
         return f"the CUDA chunked scan is built for K == V in (64, 128), got K={K}, V={V}"
-    if cu_seqlens is not None:
-        return "the CUDA chunked scan runs equal-length batches; packed sequences (cu_seqlens) run on Triton"
     if initial_state is not None and initial_state.dtype != torch.float32:
         return f"the CUDA chunked scan reads a float32 initial_state, got {initial_state.dtype}"
     return None
@@ -111,6 +109,7 @@ def _lightning_chunk_scan_reason(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Op
 _INPUT_REASONS = {
     "lightning_attn_step": _lightning_attn_step_reason,
     "lightning_chunk_scan": _lightning_chunk_scan_reason,
+    "lightning_chunk_scan_packed": _lightning_chunk_scan_reason,
 }
 
 
@@ -119,8 +118,8 @@ def cuda_unsupported_reason(name: str, *args: Tensor) -> Optional[str]:
 
     Covers what validation of the public op does not: the extension and op being built, the GPU architecture it
     was built for, and the dtypes / head dims it was instantiated for. `args` are the op's tensors as its
-    `_INPUT_REASONS` entry takes them (lightning_attn_step: q, k, v, state; lightning_chunk_scan: q, k, v,
-    cu_seqlens, initial_state).
+    `_INPUT_REASONS` entry takes them (lightning_attn_step: q, k, v, state; lightning_chunk_scan and
+    lightning_chunk_scan_packed: q, k, v, initial_state).
     """
     if not cuda_op_available(name):
         return f"hypenet._C has no {name} kernel ({_LOAD_ERROR or 'not built with it'})"

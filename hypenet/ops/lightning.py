@@ -79,7 +79,8 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         "reference": None,
         "triton": triton_reason,
         # The CUDA backend runs the output stage (the scan itself) in hypenet._C and the segment stages in Triton.
-        "cuda": cuda_kernel_reason("lightning_chunk_scan", device, q, k, v, cu_seqlens, initial_state) or (
+        "cuda": cuda_kernel_reason("lightning_chunk_scan" if cu_seqlens is None else "lightning_chunk_scan_packed",
+                                   device, q, k, v, initial_state) or (
             f"its segment stages are Triton kernels: {triton_reason}" if triton_reason else None),
     }
     chosen = select_backend("lightning_attn", backend, device, reasons)

@@ -1,12 +1,14 @@
 """The CUDA output stage of chunked Lightning Attention (`torch.ops.hypenet_cuda.lightning_chunk_scan`, the
 `cuda` backend of `hypenet.ops.lightning_attn`) against the reference.
 
-Properties, on Hypothesis-drawn equal-length batches (bf16, K == V in {64, 128}):
+Properties, on Hypothesis-drawn equal-length and packed batches (bf16, K == V in {64, 128}):
 - o, final_state and the gradients of q, k, v and initial_state match `lightning_attn_ref` under the tolerance rule
-  of tests/ops/test_lightning_chunk_triton.py, for every way of cutting sequences into segments, with and without
-  an initial state and a final-state gradient, T not a multiple of the chunk, weak and strong decays;
+  of tests/ops/test_lightning_chunk_triton.py, for every way of cutting sequences into segments (packed: ranges),
+  with and without an initial state and a final-state gradient, T not a multiple of the chunk, weak and strong
+  decays; packed ragged sequences do not leak state into each other, and an empty one passes its state through;
 - the CUDA and Triton output stages round at the same points, so they agree far more closely than either agrees
   with the reference;
+- a packed forward captured in a CUDA graph replays correctly after cu_seqlens changes in place;
 - the public op with backend="cuda" runs it under autograd, and inputs it does not take are refused with a reason
   naming what is wrong (the reasons are checked on the CPU too).
 """
@@ -21,7 +23,8 @@ import hypenet.ops
 from hypenet.ops import cuda_ext
 from tests.conftest import HAS_CUDA
 from tests.ops.test_lightning_chunk_triton import (Case, _check_case, _kernels, _make_inputs, _reference,
-                                                   check_public_op, dense_cases)
+                                                   check_empty_sequence, check_packed_graph_replay, check_public_op,
+                                                   dense_cases, packed_cases)
 from tests.tolerance import relative_error
 
 
@@ -45,20 +48,17 @@ def bf16_case(**fields) -> Case:
 
 
 def test_unsupported_inputs_have_reasons():
-    """The reasons that keep inputs off the CUDA scan name the dtype, the head dims, the packing or the initial
-    state's dtype."""
-    def reason(dtype=torch.bfloat16, K=64, V=64, packed=False, state_dtype=None):
+    """The reasons that keep inputs off the CUDA scan name the dtype, the head dims or the initial state's dtype."""
+    def reason(dtype=torch.bfloat16, K=64, V=64, state_dtype=None):
         q = torch.zeros(1, 8, 2, K, dtype=dtype)
         v = torch.zeros(1, 8, 2, V, dtype=dtype)
-        cu_seqlens = torch.tensor([0, 3, 8]) if packed else None
         initial_state = torch.zeros(1, 2, K, V, dtype=state_dtype) if state_dtype is not None else None
-        return cuda_ext._lightning_chunk_scan_reason(q, q, v, cu_seqlens, initial_state)
+        return cuda_ext._lightning_chunk_scan_reason(q, q, v, initial_state)
 
     assert reason() is None
     assert "float16" in reason(dtype=torch.float16)
     assert "K=64, V=128" in reason(K=64, V=128)
     assert "K=32" in reason(K=32, V=32)
-    assert "cu_seqlens" in reason(packed=True)
     assert reason(state_dtype=torch.float32) is None
     assert "initial_state" in reason(state_dtype=torch.float64)
 
@@ -83,6 +83,27 @@ def test_gpu_dense_batch_matches_reference(case: Case):
 
 @pytest.mark.cuda
 @requires_cuda_scan
+@given(case=packed_cases([torch.bfloat16], [64, 128], max_heads=4, max_tokens=3000, max_sequences=6,
+                         segment_lens=[None, 64, 128]))
+def test_gpu_packed_sequences_match_reference(case: Case):
+    _check_case(case, "cuda", cuda_output_stage=True)
+
+
+@pytest.mark.cuda
+@requires_cuda_scan
+@pytest.mark.parametrize("K", [64, 128])
+def test_gpu_empty_sequence_passes_its_state_through(K):
+    check_empty_sequence("cuda", torch.bfloat16, K, cuda_output_stage=True)
+
+
+@pytest.mark.cuda
+@requires_cuda_scan
+def test_gpu_packed_forward_replays_in_a_cuda_graph():
+    check_packed_graph_replay(cuda_output_stage=True)
+
+
+@pytest.mark.cuda
+@requires_cuda_scan
 @pytest.mark.parametrize("T, segment_len, strength", [
     (1, None, 1.0),  # a single token
     (64, None, 1e-4),  # exactly one chunk, nearly no decay
@@ -97,12 +118,13 @@ def test_gpu_edge_lengths_and_decays(T, segment_len, strength):
 
 @pytest.mark.cuda
 @requires_cuda_scan
-@pytest.mark.parametrize("K", [64, 128])
-def test_gpu_cuda_and_triton_round_alike(K):
+@pytest.mark.parametrize("K, lengths", [(64, None), (128, None), (128, [300, 77, 400])])
+def test_gpu_cuda_and_triton_round_alike(K, lengths):
     """Both output stages round the same operands to bf16; their results differ by fp32 summation order and the
     odd bf16 rounding flip, well below their distance to the fp64 truth."""
-    case = bf16_case(B=2, T=777, H=4, K=K, V=K, with_initial=True, with_dfinal=True, scale=K ** -0.5,
-                     segment_len=256, seed=5)
+    case = bf16_case(B=1 if lengths else 2, T=sum(lengths) if lengths else 777, H=4, K=K, V=K, lengths=lengths,
+                     with_initial=True, with_dfinal=True, scale=K ** -0.5, segment_len=256 if lengths is None else 128,
+                     seed=5)
     x = _make_inputs(case, "cuda")
     cuda = _kernels(x, case.scale, case.segment_len, cuda_output_stage=True)
     triton = _kernels(x, case.scale, case.segment_len)
@@ -114,9 +136,13 @@ def test_gpu_cuda_and_triton_round_alike(K):
 
 @pytest.mark.cuda
 @requires_cuda_scan
-def test_gpu_public_op_runs_the_cuda_scan():
-    """hypenet.ops.lightning_attn(backend="cuda"): forward and autograd through the op's registration."""
-    check_public_op(bf16_case(B=2, T=300, K=128, V=128, with_initial=True, with_dfinal=True, seed=9), "cuda", "cuda")
+@pytest.mark.parametrize("lengths", [None, [100, 3, 197]])
+def test_gpu_public_op_runs_the_cuda_scan(lengths):
+    """hypenet.ops.lightning_attn(backend="cuda"): forward and autograd through the op's registration, equal-length
+    and packed."""
+    case = bf16_case(B=1 if lengths else 2, T=300, K=128, V=128, lengths=lengths, with_initial=True, with_dfinal=True,
+                     seed=9)
+    check_public_op(case, "cuda", "cuda")
 
 
 @pytest.mark.cuda
@@ -143,7 +169,3 @@ def test_gpu_public_op_refuses_what_the_cuda_scan_does_not_take():
     x = _make_inputs(bf16_case(dtype=torch.float16, seed=1), "cuda")
     with pytest.raises(ValueError, match="backend 'cuda'.*float16"):
         hypenet.ops.lightning_attn(x["q"], x["k"], x["v"], x["log_decay"], backend="cuda")
-    packed = _make_inputs(bf16_case(lengths=[40, 60], seed=1), "cuda")
-    with pytest.raises(ValueError, match="backend 'cuda'.*cu_seqlens"):
-        hypenet.ops.lightning_attn(packed["q"], packed["k"], packed["v"], packed["log_decay"],
-                                   cu_seqlens=packed["cu_seqlens"], backend="cuda")

@@ -290,11 +290,10 @@ def test_no_start_states_without_segments_or_with_unequal_head_dims():
                                       segment_len=segment_len, start_states=torch.zeros(1, 2, K, V, device=device))
 
 
-def test_empty_sequence_passes_its_state_through():
+def check_empty_sequence(device: str, dtype: torch.dtype, K: int, cuda_output_stage: bool = False) -> None:
     """Launcher level (the public op refuses empty sequences): an empty packed sequence keeps its initial state as
     its final state, its d initial_state is its d final_state, and its neighbours do not change."""
-    device = triton_device()
-    case = Case(B=1, T=150, H=2, K=16, V=16, dtype=torch.float32, lengths=[70, 80], with_initial=True,
+    case = Case(B=1, T=150, H=2, K=K, V=K, dtype=dtype, lengths=[70, 80], with_initial=True,
                 with_dfinal=True, strength=1.0, scale=0.25, segment_len=None, seed=5)
     x = _make_inputs(case, device)
     state_shape = (1, case.H, case.K, case.V)
@@ -304,14 +303,18 @@ def test_empty_sequence_passes_its_state_through():
                       initial_state=torch.cat([x["initial_state"][:1], empty_initial, x["initial_state"][1:]]),
                       dfinal=torch.cat([x["dfinal"][:1], empty_dfinal, x["dfinal"][1:]]))
     for segment_len in (None, 64):
-        base = _kernels(x, case.scale, segment_len)
-        got = _kernels(with_empty, case.scale, segment_len)
+        base = _kernels(x, case.scale, segment_len, cuda_output_stage=cuda_output_stage)
+        got = _kernels(with_empty, case.scale, segment_len, cuda_output_stage=cuda_output_stage)
         expected = dict(base)
         for name, middle in (("final_state", empty_initial), ("dinitial_state", empty_dfinal)):
             expected[name] = torch.cat([base[name][:1], middle, base[name][1:]])
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"{name} (segment_len {segment_len}): {m}")
+
+
+def test_empty_sequence_passes_its_state_through():
+    check_empty_sequence(triton_device(), torch.float32, 16)
 
 
 def test_more_sequences_than_a_table_block(monkeypatch):
@@ -393,8 +396,7 @@ def test_gpu_long_sequence_state_does_not_drift():
     _check_case(case, "cuda")
 
 
-@pytest.mark.cuda
-def test_gpu_packed_forward_replays_in_a_cuda_graph():
+def check_packed_graph_replay(cuda_output_stage: bool = False) -> None:
     """The packed tables are built on the device inside the call: a captured forward, replayed after cu_seqlens and
     the inputs change in place, equals an eager call on the new packing bit for bit (no host sync, nothing kept from
     capture time)."""
@@ -407,7 +409,7 @@ def test_gpu_packed_forward_replays_in_a_cuda_graph():
 
     def forward(x):
         return chunk.lightning_chunk_fwd(x["q"], x["k"], x["v"], log_decay, first.scale, x["initial_state"],
-                                         x["cu_seqlens"], True)
+                                         x["cu_seqlens"], True, cuda_output_stage=cuda_output_stage)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -424,3 +426,8 @@ def test_gpu_packed_forward_replays_in_a_cuda_graph():
         want_o, want_final = forward(x)
         torch.testing.assert_close(o, want_o, rtol=0, atol=0)
         torch.testing.assert_close(final, want_final, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_gpu_packed_forward_replays_in_a_cuda_graph():
+    check_packed_graph_replay()

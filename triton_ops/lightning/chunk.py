@@ -663,9 +663,9 @@ class _Packed:
     max_chunks: int
     cu_seqlens: Tensor
     tables: Tensor  # the int32 buffer all the tables below are views of
+    chunk_table: Tensor  # [max_chunks, 4] (first token, real rows, sequence, flags); first, so 16-byte aligned
     chunk_offsets: Tensor  # [N + 1] first chunk of every sequence
     seg_offsets: Tensor  # [N + 1] first segment of every sequence
-    chunk_table: Tensor  # [max_chunks, 4] (first token, real rows, sequence, flags)
     range_table: Tensor  # [ranges + 1] first chunk of every range; the chunk count past the last range
     cut_seqs: Tensor  # [ranges] the sequences a range starts inside
     cut_fwd: Tensor  # [ranges + 1] offsets of their segments in the forwards segment-stage work list
@@ -717,7 +717,7 @@ def _packed_ranges(T: int, N: int, H: int, DC: int, device: torch.device,
 
 def _packed_table_sizes(N: int, max_chunks: int, ranges: int) -> list[int]:
     """Lengths of the int32 tables of a packed plan, in the order `_Packed` lists them (one buffer holds all)."""
-    return [N + 1, N + 1, 4 * max_chunks, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
+    return [4 * max_chunks, N + 1, N + 1, ranges + 1, ranges, ranges + 1, ranges + 1, 3]
 
 
 def _described(t: Tensor) -> str:
@@ -743,7 +743,8 @@ def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optio
     if tables is not None:
         _check_reused("packed_tables", tables, (sum(sizes),), torch.int32, device)
     ints = torch.empty(sum(sizes), dtype=torch.int32, device=device) if tables is None else tables
-    chunk_offsets, seg_offsets, chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta = torch.split(ints, sizes)
+    chunk_table, chunk_offsets, seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, meta = torch.split(ints, sizes)
+    chunk_table = chunk_table.view(max_chunks, 4)
     if tables is None:
         lightning_attn_packed_offsets_kernel[(1,)](
             cu_seqlens, chunk_offsets, seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, meta, N, ranges,
@@ -754,8 +755,8 @@ def _plan_packed(T: int, cu_seqlens: Tensor, H: int, DC: int, segment_len: Optio
             cu_seqlens, chunk_offsets, seg_offsets, chunk_table, range_table, meta, N,
             SEG_CHUNKS=seg_chunks, BT=CHUNK, SEARCH_STEPS=max(1, N.bit_length()), BLOCK=TABLE_BLOCK,
         )
-    return _Packed(N, T, seg_chunks * CHUNK, ranges, max_chunks, cu_seqlens, ints, chunk_offsets, seg_offsets,
-                   chunk_table, range_table, cut_seqs, cut_fwd, cut_rev, meta)
+    return _Packed(N, T, seg_chunks * CHUNK, ranges, max_chunks, cu_seqlens, ints, chunk_table, chunk_offsets,
+                   seg_offsets, range_table, cut_seqs, cut_fwd, cut_rev, meta)
 
 
 def _block_v(DC: int) -> int:
@@ -823,18 +824,22 @@ def _scan(a: Tensor, b: Tensor, c: Tensor, log_decay: Tensor, scale: float, stat
 
     starts: what `_segment_start_states` returned (None when plan.single); initial: [N, H, DA, DC] start of every
     sequence (any strides) or None (zeros); final: [N, H, DA, DC] (any strides) receives the end state, or None.
-    cuda_output_stage: run the CUDA kernel `torch.ops.hypenet_cuda.lightning_chunk_scan` instead (equal-length
-    batches, bf16, DA == DC in (64, 128): `hypenet.ops.cuda_ext` says which inputs it takes)."""
+    cuda_output_stage: run the CUDA kernel `torch.ops.hypenet_cuda.lightning_chunk_scan` (packed batches:
+    `lightning_chunk_scan_packed`, over the same tables) instead (bf16, DA == DC in (64, 128): `hypenet.ops.cuda_ext`
+    says which inputs it takes)."""
     out = torch.empty(c.shape, dtype=out_dtype, device=c.device)
     if cuda_output_stage:
-        if isinstance(plan, _Packed):
-            raise ValueError("lightning_chunk: the CUDA output stage runs equal-length batches only (no cu_seqlens)")
-        start = starts if not plan.single else initial
         # The kernel copies 16-byte vectors: a view that starts off that alignment is copied first.
         a, b, c = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (a, b, c))
-        torch.ops.hypenet_cuda.lightning_chunk_scan(a, b, c, log_decay, start, final, out, plan.seg_len,
-                                                    plan.num_segs, scale, state_in_scale, state_out_scale, reverse,
-                                                    not plan.single)
+        if isinstance(plan, _Packed):
+            torch.ops.hypenet_cuda.lightning_chunk_scan_packed(
+                a, b, c, log_decay, starts, initial, final, out, plan.chunk_table, plan.range_table, scale,
+                state_in_scale, state_out_scale, reverse)
+        else:
+            start = starts if not plan.single else initial
+            torch.ops.hypenet_cuda.lightning_chunk_scan(a, b, c, log_decay, start, final, out, plan.seg_len,
+                                                        plan.num_segs, scale, state_in_scale, state_out_scale,
+                                                        reverse, not plan.single)
         return out
     H, DA, DC = a.shape[2], a.shape[3], c.shape[3]
     BV = _block_v(DC)
