@@ -1,9 +1,10 @@
 // Kernel of the chunked scan's output stage; see lightning_chunk_scan.h for the math.
 //
-// One block per (segment, head) walks its segment in chunks of 64 tokens (packed batches: per (range,
-// head), the range's chunks from the chunk table) with one warpgroup (4 warps) per 64 state columns; a warpgroup keeps its [D, 64] slice of the fp32 state in registers as wgmma
-// accumulators. The warpgroups share the a, b, c tiles in shared memory (each chunk's a and b are
-// read from memory once per head). Per chunk and warpgroup:
+// One block per (segment, head) walks its segment in chunks of 64 tokens (packed batches: one block per
+// (range, head) walks the range's chunks of the chunk table) with one warpgroup (4 warps) per 64 state
+// columns; a warpgroup keeps its [D, 64] slice of the fp32 state in registers as wgmma accumulators.
+// The warpgroups share the a, b, c tiles in shared memory (each chunk's a and b are read from memory
+// once per head). Per chunk and warpgroup:
 //   scores = a b^T (fp32), times the decayed causal mask, rounded to bf16;
 //   acc    = diag(state weights) (a S_bf16) + scores c;
 //   S      = gamma^L S + b^T (diag(decays) c)_bf16.
@@ -526,8 +527,9 @@ template <int kHeadDim, bool kReverse>
 void run_lightning_chunk_scan(const LightningScanParams& params, cudaStream_t stream) {
   if (params.num_programs == 0) return;
   using Cfg = lightning_scan::Config<kHeadDim>;
-  auto kernel = params.chunk_table != nullptr ? lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse, true>
-                                              : lightning_scan::lightning_attn_fwd_kernel_output<kHeadDim, kReverse, false>;
+  using lightning_scan::lightning_attn_fwd_kernel_output;
+  auto kernel = params.chunk_table != nullptr ? lightning_attn_fwd_kernel_output<kHeadDim, kReverse, true>
+                                              : lightning_attn_fwd_kernel_output<kHeadDim, kReverse, false>;
   // More than 48 KB of dynamic shared memory needs an explicit opt-in per kernel.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   kernel<<<static_cast<unsigned>(params.num_programs), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(params);
