@@ -278,6 +278,19 @@ def test_backward_reuses_the_forward_packed_tables():
             backward(cu_seqlens, wrong)
 
 
+def test_chunk_table_lists_every_chunk_and_leads_the_table_buffer():
+    """The packed plan's chunk table holds (first token, rows, sequence, flags: 1 first chunk, 2 last) per chunk in
+    order, and it starts the int32 buffer as a contiguous [max_chunks, 4] view: the CUDA scan copies its entries as
+    16-byte vectors."""
+    device = triton_device()
+    cu_seqlens = torch.tensor([0, 3, 70, 71], dtype=torch.int32, device=device)
+    plan = chunk._plan_packed(71, cu_seqlens, 2, 16, None)
+    assert plan.chunk_table.data_ptr() == plan.tables.data_ptr()
+    assert plan.chunk_table.shape == (plan.max_chunks, 4) and plan.chunk_table.is_contiguous()
+    expected = [[0, 3, 0, 3], [3, 64, 1, 1], [67, 3, 1, 2], [70, 1, 2, 3]]
+    assert plan.chunk_table[:4].tolist() == expected
+
+
 def test_no_start_states_without_segments_or_with_unequal_head_dims():
     device = triton_device()
     for K, V, segment_len in ((32, 32, None), (16, 32, 64)):
