@@ -38,6 +38,13 @@ def lightning_attn_step_cases(quick: bool) -> int:
     return runs
 
 
+def _require_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Waits for the launch, then fails when an output holds a non-finite value."""
+    torch.cuda.synchronize()
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise AssertionError(f"{what}: non-finite output or final state")
+
+
 def lightning_chunk_scan_cases(quick: bool) -> int:
     """Both time directions, both head dims (one each with --quick), T = 130 (a last chunk of 2 rows, rows past the
     end zero-filled), one segment per sequence from per-sequence start states, and three 64-token segments from
@@ -56,10 +63,7 @@ def lightning_chunk_scan_cases(quick: bool) -> int:
                 out = torch.empty_like(c)
                 torch.ops.hypenet_cuda.lightning_chunk_scan(a, b, c, log_decay, start, final, out, seg_len, num_segs,
                                                             0.125, 1.0, 0.125, reverse, per_segment)
-                torch.cuda.synchronize()
-                if not (torch.isfinite(out).all() and torch.isfinite(final).all()):
-                    raise AssertionError(f"lightning_chunk_scan D={D} reverse={reverse} seg_len={seg_len}: "
-                                         f"non-finite output or final state")
+                _require_finite(f"lightning_chunk_scan D={D} reverse={reverse} seg_len={seg_len}", out, final)
                 runs += 1
     return runs
 
@@ -87,10 +91,7 @@ def lightning_chunk_scan_packed_cases(quick: bool) -> int:
             torch.ops.hypenet_cuda.lightning_chunk_scan_packed(a, b, c, log_decay, range_states, initial, final, out,
                                                                plan.chunk_table, plan.range_table, 0.125, 1.0, 0.125,
                                                                reverse)
-            torch.cuda.synchronize()
-            if not (torch.isfinite(out).all() and torch.isfinite(final).all()):
-                raise AssertionError(f"lightning_chunk_scan_packed D={D} reverse={reverse}: non-finite output or "
-                                     f"final state")
+            _require_finite(f"lightning_chunk_scan_packed D={D} reverse={reverse}", out, final)
             runs += 1
     return runs
 

@@ -79,7 +79,8 @@ def _ours(backward: bool, cu_seqlens: Optional[torch.Tensor], cuda_output_stage:
 
 def _has_cuda_scan(cu_seqlens: Optional[torch.Tensor]) -> bool:
     from hypenet.ops.cuda_ext import cuda_op_available
-    return cuda_op_available("lightning_chunk_scan" if cu_seqlens is None else "lightning_chunk_scan_packed")
+    from hypenet.ops.lightning import chunk_scan_op
+    return cuda_op_available(chunk_scan_op(cu_seqlens is not None))
 
 
 def _ours_op(backward: bool, cu_seqlens: Optional[torch.Tensor]) -> Callable:

@@ -16,6 +16,11 @@ CHUNK_MODULE = "triton_ops.lightning.chunk"
 STEP_MODULE = "triton_ops.lightning.step"
 
 
+def chunk_scan_op(packed: bool) -> str:
+    """The hypenet._C op that runs lightning_attn's scan: one for equal-length batches, one for packed (cu_seqlens)."""
+    return "lightning_chunk_scan_packed" if packed else "lightning_chunk_scan"
+
+
 def _check_log_decay(log_decay: object, H: int, device: torch.device) -> None:
     check_tensor("log_decay", log_decay, ndim=1, dtypes=(torch.float32,), device=device)
     check_shape("log_decay", log_decay, (H,), "[H]")
@@ -79,8 +84,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, scale:
         "reference": None,
         "triton": triton_reason,
         # The CUDA backend runs the output stage (the scan itself) in hypenet._C and the segment stages in Triton.
-        "cuda": cuda_kernel_reason("lightning_chunk_scan" if cu_seqlens is None else "lightning_chunk_scan_packed",
-                                   device, q, k, v, initial_state) or (
+        "cuda": cuda_kernel_reason(chunk_scan_op(cu_seqlens is not None), device, q, k, v, initial_state) or (
             f"its segment stages are Triton kernels: {triton_reason}" if triton_reason else None),
     }
     chosen = select_backend("lightning_attn", backend, device, reasons)
